@@ -1,0 +1,192 @@
+"""The model: embedding -> recurrence(block stack, halting policy, cache strategy) -> head.
+
+The model never reads a registry: :func:`zoo.build.build_model` constructs the parts and
+hands them in. The pass loop lives in :mod:`zoo.recurrence`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from zoo.caches.base import CacheStrategy
+from zoo.config import ModelConfig
+from zoo.halting.base import HaltingPolicy
+from zoo.recurrence import PassTrace, Recurrence, run_dense
+
+__all__ = ["RecurrentLM", "ModelOutput", "EXECUTIONS"]
+
+EXECUTIONS = ("dense", "sparse")
+
+
+@dataclass
+class ModelOutput:
+    """The result of ``model(input_ids)``.
+
+    Attributes:
+        logits: (B, T, V) next-token logits.
+        depth: (B, T) int64, passes each token ran, ``1..passes``.
+        aux_loss: scalar, the halting policy's auxiliary loss (0 when it adds none).
+        masks: (P, B, T) bool, ``masks[i]`` is True where the token ran pass ``i``.
+        gates: (P - 1, B, T) the gate values ``s^i`` (ones for policies without a gate).
+    """
+
+    logits: Tensor
+    depth: Tensor
+    aux_loss: Tensor
+    masks: Tensor
+    gates: Tensor
+
+
+class RecurrentLM(nn.Module):
+    """A language model whose block stack may run several passes per token.
+
+    Build it with :func:`zoo.build` or :func:`zoo.from_hf` rather than by hand.
+
+    Args:
+        config: the frozen config the parts were built from.
+        layers: the block stack.
+        final_norm: norm before the head.
+        recurrence: how a pass feeds the next.
+        halting: the halting policy (holds gate parameters if it has any).
+        cache: the cache strategy (no parameters).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layers: nn.ModuleList,
+        final_norm: nn.Module,
+        rotary: nn.Module,
+        recurrence: Recurrence,
+        halting: HaltingPolicy,
+        cache: CacheStrategy,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = layers
+        self.final_norm = final_norm
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tied_embeddings:
+            self.head.weight = self.embed.weight
+        self.rotary = rotary
+        self.recurrence = recurrence
+        self.halting = halting
+        self.cache = cache
+
+    # Forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, execution: str | None = None, step: int | Tensor | None = None) -> ModelOutput:
+        """Runs the model on ``input_ids`` (B, T).
+
+        Args:
+            input_ids: LongTensor (B, T) with ids in ``[0, vocab_size)``, ``T <= max_seq_len``.
+            execution: ``"dense"`` (every token runs every pass, masks by ``where``; used for
+                training) or ``"sparse"`` (only active tokens run; needs a freezing cache such
+                as ``kv_reuse``). ``None`` picks sparse in ``eval()`` mode with ``kv_reuse``,
+                dense otherwise.
+            step: training step for the halting policy's schedules (an int or 0-d tensor);
+                ``None`` puts schedules at their final value.
+
+        Raises:
+            ValueError: malformed ids, or an execution the cache strategy does not allow.
+        """
+        self.check_input(input_ids)
+        execution = self.resolve_execution(execution)
+        if step is not None and not isinstance(step, Tensor):
+            step = torch.tensor(step, device=input_ids.device)
+        if execution == "dense":
+            trace = self.dense_forward(input_ids, step)
+        else:
+            from zoo.sparse import run_sparse
+
+            trace = run_sparse(self, input_ids, step)
+        return self.output(trace)
+
+    def dense_forward(self, input_ids: Tensor, step: Tensor | None = None) -> PassTrace:
+        """The dense pass loop without input checks: the function :func:`zoo.compile` compiles."""
+        return run_dense(self, input_ids, step)
+
+    @staticmethod
+    def output(trace: PassTrace) -> ModelOutput:
+        """Packs a :class:`~zoo.recurrence.PassTrace` as the public :class:`ModelOutput`."""
+        return ModelOutput(trace.logits, trace.depth, trace.aux_loss, trace.masks, trace.gates)
+
+    def resolve_execution(self, execution: str | None) -> str:
+        """The execution mode a call runs in (see :meth:`forward`)."""
+        if execution is None:
+            return "sparse" if (not self.training and self.cache.freezes) else "dense"
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS} or None, got {execution!r}")
+        if execution == "sparse" and not self.cache.freezes:
+            raise ValueError(
+                f"execution='sparse' skips halted tokens, which needs a cache strategy that freezes "
+                f"them; cache={self.config.cache!r} re-runs every token each pass. Use "
+                f"cache='kv_reuse' or execution='dense'"
+            )
+        return execution
+
+    def check_input(self, input_ids: Tensor) -> None:
+        """Raises ``ValueError`` naming the problem if ``input_ids`` is not a valid batch."""
+        if not isinstance(input_ids, Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be 2-D (batch, time), got shape {tuple(input_ids.shape)}; "
+                f"add a batch dimension with input_ids[None]"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}; use .long()")
+        T = input_ids.shape[1]
+        if T == 0:
+            raise ValueError("input_ids has no tokens (time dimension 0)")
+        if T > self.config.max_seq_len:
+            raise ValueError(
+                f"input_ids has {T} tokens, more than max_seq_len={self.config.max_seq_len}; "
+                f"truncate the input or build the model with a larger max_seq_len"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids contains token id {bad}, outside [0, vocab_size={self.config.vocab_size})"
+            )
+
+    # Initialisation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PonderLM initialisation: truncated normal, std ``sqrt(2 / (5 d))`` for linears and
+        the embedding, output projections further divided by ``sqrt(2 * layers * passes)``;
+        biases zero, norm weights one; then the halting policy's own parameters."""
+        std = self.config.std
+        out_std = std / (2 * self.config.num_layers * self.config.passes) ** 0.5
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith("attn.proj") or name.endswith("mlp.fc_out")
+                if name.startswith("halting"):
+                    continue
+                s = out_std if is_out else std
+                nn.init.trunc_normal_(module.weight, std=s, a=-2 * s, b=2 * s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        self.halting.reset_parameters()
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count (shared tensors once); without the embedding and head if asked."""
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not include_embeddings and (name.startswith("embed.") or name.startswith("head.")):
+                continue
+            total += p.numel()
+        return total
