@@ -99,7 +99,8 @@ class RecurrentLM(nn.Module):
         if step is not None and not isinstance(step, Tensor):
             step = torch.tensor(step, device=input_ids.device)
         if execution == "dense":
-            trace = self.dense_forward(input_ids, step)
+            dense = self.__dict__.get("_compiled_dense", self.dense_forward)
+            trace = dense(input_ids, step)
         else:
             from zoo.sparse import run_sparse
 
@@ -109,6 +110,27 @@ class RecurrentLM(nn.Module):
     def dense_forward(self, input_ids: Tensor, step: Tensor | None = None) -> PassTrace:
         """The dense pass loop without input checks: the function :func:`zoo.compile` compiles."""
         return run_dense(self, input_ids, step)
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
+    ):
+        """Incremental decoding that reproduces the full forward; see :func:`zoo.decode.generate`.
+
+        Returns:
+            a :class:`~zoo.decode.GenerationOutput` with ``tokens`` (B, T + M), ``logits``
+            (B, M, V) and ``depth`` (B, M).
+        """
+        from zoo.decode import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, progress)
 
     @staticmethod
     def output(trace: PassTrace) -> ModelOutput:

@@ -1,0 +1,283 @@
+"""Sparse execution: each pass computes only the tokens that run it.
+
+Shape legend: B batch, n tokens in the chunk, B' selected rows, N slots per selected row,
+H_kv key/value heads, D head dim, S cache length, d width, V vocabulary, P passes.
+
+A pass gathers the running tokens of the whole batch into a (B', N) layout (rows that run
+nothing are dropped; shorter rows are padded with slots marked invalid), runs the block
+stack on them, and scatters the results back. Attention reads a per-layer key/value
+buffer that holds, for every token, the keys and values of its last pass that ran: the
+running tokens write theirs in place, halted tokens' entries are simply left as they are
+(KV reuse without a copy). Active queries attend over that buffer with a position mask.
+
+The same loop serves three callers:
+
+* ``model(ids, execution="sparse")``: one chunk (the whole sequence) and one buffer per
+  layer (:class:`WorkingStore`), shared by all passes;
+* prefill and every decode step of :meth:`~zoo.model.RecurrentLM.generate`: chunks of the
+  prompt and of one new token per row, with a preallocated cache per pass
+  (:class:`~zoo.caches.decode.DecodeCache`), into which a halted token's keys and values are
+  carried forward at the start of each pass.
+
+With a cache strategy that does not freeze halted tokens (``recompute``) every token runs
+every pass, so decoding works for it too; only the skipping is specific to ``kv_reuse``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from zoo.blocks.attention import KVView
+from zoo.halting.base import PassContext
+from zoo.recurrence import PassTrace, run_stack
+
+__all__ = ["Selection", "select", "BufferView", "WorkingStore", "run_passes", "run_sparse", "pass_compute"]
+
+KV = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Selection:
+    """Which tokens of a (B, n) chunk a pass computes, laid out as (B', N).
+
+    Attributes:
+        rows: (B',) batch rows holding at least one running token.
+        index: (B', N) chunk-local index of each slot, ascending; padding slots point at
+            tokens that do not run (so no index repeats within a row).
+        valid: (B', N) bool, False for padding slots.
+        full: every token of the chunk runs (rows are all rows, index is ``arange(n)``).
+        all_rows: ``rows`` is every batch row (true when ``full``, and always for the static
+            layout compiled passes use).
+    """
+
+    rows: Tensor
+    index: Tensor
+    valid: Tensor
+    full: bool
+    all_rows: bool
+
+    def gather(self, full: Tensor) -> Tensor:
+        """``full`` (B, n, ...) -> (B', N, ...)."""
+        if self.full:
+            return full
+        return full[self.rows[:, None], self.index]
+
+    def scatter_(self, full: Tensor, values: Tensor) -> None:
+        """Writes ``values`` (B', N, ...) into ``full`` (B, n, ...) at the valid slots, in place."""
+        if self.full:
+            full.copy_(values)
+            return
+        rows = self.rows[:, None]
+        valid = self.valid.reshape(*self.valid.shape, *([1] * (values.dim() - 2)))
+        full[rows, self.index] = torch.where(valid, values, full[rows, self.index])
+
+
+def select(runs: Tensor, bucket: int | None = None) -> Selection:
+    """Gathers the running tokens of ``runs`` (B, n) bool into a :class:`Selection`.
+
+    Args:
+        runs: tokens that run this pass.
+        bucket: static layout for compiled passes: keep every row (a row with nothing to run
+            is all padding) and round the slot count up to a multiple of ``bucket``, so the
+            number of distinct shapes is bounded. ``None``: drop idle rows, no rounding.
+    """
+    B, n = runs.shape
+    counts = runs.sum(1)  # (B,)
+    all_rows = torch.arange(B, device=runs.device)
+    if bool((counts == n).all()):
+        index = torch.arange(n, device=runs.device).repeat(B, 1)  # contiguous: compiled guards see strides
+        return Selection(all_rows, index, runs, True, True)
+    rows = all_rows if bucket else counts.nonzero().squeeze(1)  # (B',)
+    slots = int(counts.max())
+    if bucket:
+        slots = min(n, math.ceil(slots / bucket) * bucket)
+    # Running tokens first, each group in position order: a stable sort on "does not run".
+    order = torch.sort((~runs[rows]).to(torch.int8), dim=1, stable=True).indices  # (B', n)
+    index = order[:, :slots]
+    valid = torch.arange(slots, device=runs.device) < counts[rows, None]
+    return Selection(rows, index, valid, False, bool(bucket))
+
+
+class BufferView(KVView):
+    """One layer's view onto a key/value buffer for a pass over a :class:`Selection`.
+
+    The selected tokens' new keys and values are written into the buffer (B, H_kv, S, D)
+    at their positions (padding slots write back what was there); queries then attend over
+    the buffer's first ``kv_len`` positions, each up to its own position.
+
+    Args:
+        buffers: the layer's (k, v) buffers for this pass.
+        selection: the tokens being computed.
+        positions: (B', N) absolute positions of the slots.
+        kv_len: keys to attend over (every slot's position is below it); ``None`` for the
+            whole buffer (a constant shape, for compiled passes).
+        fresh: the selection is a whole chunk starting at position 0, so plain causal
+            attention over the new keys is exact and the buffer is only written.
+    """
+
+    def __init__(
+        self, buffers: KV, selection: Selection, positions: Tensor, kv_len: int | None, fresh: bool
+    ) -> None:
+        self.buffers = buffers
+        self.positions = positions
+        self.kv_len = kv_len
+        self.fresh = fresh
+        self.all_rows = selection.all_rows
+        self.rows = selection.rows
+        self.row_of_slot = selection.rows[:, None].expand_as(positions).contiguous()  # (B', N)
+        self.valid = selection.valid.contiguous()
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        n = k.shape[2]
+        if self.fresh:
+            for buf, new in zip(self.buffers, (k, v)):
+                buf[:, :, :n].copy_(new)
+            return k, v, None, True
+        rows, valid = self.row_of_slot, self.valid[..., None, None]  # (B', N), (B', N, 1, 1)
+        out = []
+        for buf, new in zip(self.buffers, (k, v)):
+            old = buf[rows, :, self.positions]  # (B', N, H_kv, D)
+            buf[rows, :, self.positions] = torch.where(valid, new.transpose(1, 2), old)
+            rowbuf = buf if self.all_rows else buf[self.rows]
+            out.append(rowbuf if self.kv_len is None else rowbuf[:, :, : self.kv_len])  # (B', H_kv, S, D)
+        key_pos = torch.arange(out[0].shape[2], device=k.device)
+        mask = (key_pos <= self.positions[..., None])[:, None]  # (B', 1, N, kv_len)
+        return out[0], out[1], mask, False
+
+
+class WorkingStore:
+    """Key/value buffers for one sparse forward: one (k, v) per layer, shared by all passes.
+
+    A pass overwrites the running tokens' entries; a halted token's entries stay those of
+    its last pass, which is exactly KV reuse. Memory: one dense KV cache.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int, like: Tensor) -> None:
+        shape = (batch, kv_heads, length, head_dim)
+        self.layers = [
+            (like.new_empty(shape), like.new_empty(shape)) for _ in range(num_layers)
+        ]
+
+    def begin_pass(self, index: int, start: int, end: int) -> list[KV]:
+        """The buffers pass ``index`` reads and writes for positions ``[start, end)``."""
+        return self.layers
+
+
+def pass_compute(model, x: Tensor, rope: tuple[Tensor, Tensor], views: list[KVView]) -> tuple[Tensor, Tensor]:
+    """One pass of the block stack on gathered tokens: (stack output, final-norm hidden)."""
+    h, _ = run_stack(model.layers, x, rope, views)
+    return h, model.final_norm(h)
+
+
+def run_passes(
+    model,
+    chunk_ids: Tensor,
+    start: int,
+    store,
+    step: Tensor | None = None,
+    alive: Tensor | None = None,
+    compute: Callable | None = None,
+    bucket: int | None = None,
+) -> PassTrace:
+    """Runs every pass over a chunk of tokens at positions ``[start, start + n)``.
+
+    Tokens before the chunk must already be in ``store`` (prefill, earlier decode steps).
+
+    Args:
+        model: a :class:`~zoo.model.RecurrentLM`.
+        chunk_ids: (B, n) token ids.
+        start: position of the chunk's first token.
+        store: the key/value buffers (:class:`WorkingStore` or a decode cache).
+        step: training step for the policy's schedules (``None`` in inference).
+        alive: (B,) bool rows to compute at all (decoding skips rows that finished).
+        compute: the pass function (:func:`pass_compute` or a compiled twin).
+        bucket: slot-count rounding for compiled passes (see :func:`select`).
+
+    Returns:
+        the chunk's :class:`~zoo.recurrence.PassTrace` (logits of every chunk token).
+    """
+    compute = compute or pass_compute
+    B, n = chunk_ids.shape
+    P = model.config.passes
+    policy, recurrence = model.halting, model.recurrence
+    device = chunk_ids.device
+    positions = torch.arange(start, start + n, device=device).expand(B, n)  # (B, n)
+
+    x = recurrence.initial(model.embed(chunk_ids))  # E^0, (B, n, d)
+    live = torch.ones(B, n, dtype=torch.bool, device=device)
+    if alive is not None:
+        live = live & alive[:, None]
+    mask = live  # m^0
+    state = {key: value.clone() for key, value in policy.init_state(mask).items()}  # scattered into
+    hidden_out = x.new_zeros(B, n, x.shape[-1])
+    gates = x.new_ones(max(P - 1, 0), B, n)
+    masks = [mask]
+    aux = x.new_zeros(())
+    mixed = x.new_zeros(B, n, x.shape[-1]) if policy.mixes_outputs else None
+    freezes = model.cache.freezes
+
+    for i in range(P):
+        last = i == P - 1
+        runs = mask if freezes else live
+        if not bool(runs.any()):
+            for later in range(i, P):  # still carry the chunk's entries into the later passes' caches
+                store.begin_pass(later, start, start + n)
+            break
+        sel = select(runs, bucket)
+        pos = sel.gather(positions).contiguous()  # (B', N)
+        buffers = store.begin_pass(i, start, start + n)
+        kv_len = None if bucket else start + n
+        fresh = sel.full and start == 0
+        views = [BufferView(kv, sel, pos, kv_len, fresh) for kv in buffers]
+        x_sel = sel.gather(x)
+        h_sel, hidden_sel = compute(model, x_sel, model.rotary(pos), views)
+        sel.scatter_(hidden_out, hidden_sel)
+        if last:
+            break
+        need_logits = recurrence.uses_logits or policy.uses_logits
+        logits_sel = model.head(hidden_sel) if need_logits else None
+        mask_sel = sel.gather(mask) & sel.valid
+        # No ids: per-pass auxiliary cross-entropy is a training (dense) quantity.
+        ctx = PassContext(positions=pos, input_ids=None, step=step, passes=P)
+        decision = policy.step(i, hidden_sel, logits_sel, mask_sel, _gather_state(sel, state), ctx)
+        next_sel = decision.mask & mask_sel
+        if decision.state is not None:
+            for key, value in decision.state.items():
+                sel.scatter_(state[key], value)
+        aux = aux + decision.aux_loss
+        if mixed is not None:
+            sel.scatter_(mixed, sel.gather(mixed) + decision.weight[..., None].to(x.dtype) * hidden_sel)
+        delta = recurrence.delta(x_sel, h_sel, logits_sel, model.embed.weight)
+        sel.scatter_(x, x_sel + (next_sel.to(x.dtype) * decision.gate)[..., None] * delta)
+        sel.scatter_(gates[i], decision.gate.to(gates.dtype))
+        mask = mask.clone()
+        sel.scatter_(mask, next_sel)
+        masks.append(mask)
+
+    while len(masks) < P:  # passes nobody ran (every token halted earlier)
+        masks.append(torch.zeros_like(live))
+    mask_stack = torch.stack(masks)
+    final_weight, final_aux = policy.finish(gates, mask_stack, state, PassContext(positions, None, step, P))
+    aux = aux + final_aux
+    hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
+    return PassTrace(model.head(hidden), hidden, mask_stack, gates, aux)
+
+
+def _gather_state(sel: Selection, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: sel.gather(value) for key, value in state.items()}
+
+
+def run_sparse(model, input_ids: Tensor, step: Tensor | None = None) -> PassTrace:
+    """``model(ids, execution="sparse")``: the whole sequence as one chunk, one buffer per layer."""
+    B, T = input_ids.shape
+    cfg = model.config
+    store = WorkingStore(cfg.num_layers, B, cfg.kv_heads, T, cfg.head_dim, model.embed.weight)
+    compiled = getattr(model, "_compiled_pass", None)
+    return run_passes(
+        model, input_ids, 0, store, step, compute=compiled, bucket=64 if compiled is not None else None
+    )
