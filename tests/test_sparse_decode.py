@@ -1,0 +1,181 @@
+"""Sparse execution against dense, and incremental decoding against the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+import zoo.sparse
+from zoo.caches.decode import DecodeCache, decode_cache_bytes
+
+# Settings under which each policy halts some tokens and not others on a fresh tiny model.
+PARTIAL = {
+    "none": {},
+    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
+    "fixed_prune": {"ratio": 0.4},
+    "act": {"bias_init": 0.0},
+    "early_exit": {"measure": "margin", "threshold": 0.001},
+}
+BLOCKS = {"neox": {}, "llama": {"block": "llama", "rotary_fraction": 1.0, "num_kv_heads": 2, "bias": False}}
+
+
+def make(policy: str, recurrence: str = "ponder", cache: str = "kv_reuse", block: str = "neox", seed: int = 0):
+    torch.manual_seed(seed)
+    return zoo.build(
+        "ponder-pythia-tiny",
+        recurrence=recurrence,
+        halting=policy,
+        halting_kwargs=PARTIAL.get(policy, {}),
+        cache=cache,
+        **BLOCKS[block],
+    ).eval()
+
+
+def ids(B: int = 3, T: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_partial(depth: torch.Tensor, passes: int = 4) -> None:
+    """Real partial halting: mixed depths, and rows that do not halt alike."""
+    assert depth.min() < depth.max(), depth
+    assert not all(torch.equal(depth[0], row) for row in depth[1:]), "rows halt identically"
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("recurrence", ["ponder", "loop"])
+@pytest.mark.parametrize("policy", sorted(PARTIAL))
+def test_sparse_equals_dense(policy, recurrence, block):
+    model = make(policy, recurrence, block=block)
+    x = ids()
+    with torch.no_grad():
+        dense = model(x, execution="dense")
+        sparse = model(x, execution="sparse")
+    if policy not in ("none", "fixed_prune"):
+        assert_partial(dense.depth)
+    assert torch.equal(dense.depth, sparse.depth)
+    assert torch.equal(dense.masks, sparse.masks)
+    torch.testing.assert_close(sparse.logits, dense.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sparse.aux_loss, dense.aux_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_sparse_computes_only_active_tokens(monkeypatch):
+    model = make("fixed_prune")
+    shapes = []
+    original = zoo.sparse.pass_compute
+
+    def spy(model, x, rope, views):
+        shapes.append(tuple(x.shape[:2]))
+        return original(model, x, rope, views)
+
+    monkeypatch.setattr(zoo.sparse, "pass_compute", spy)
+    with torch.no_grad():
+        out = model(ids())
+    active = out.masks.sum((1, 2)).tolist()  # tokens that ran each pass
+    assert shapes[0] == (3, 40)
+    for (rows, slots), n_active in zip(shapes[1:], active[1:]):
+        # fixed_prune halts the same positions in every row: no padding at all.
+        assert rows * slots == n_active
+    assert sum(r * s for r, s in shapes) < 4 * 3 * 40
+
+
+def test_default_execution_and_recompute_refusal():
+    model = make("mlp_gate")
+    assert model.resolve_execution(None) == "sparse"
+    model.train()
+    assert model.resolve_execution(None) == "dense"
+    recompute = make("mlp_gate", cache="recompute")
+    assert recompute.resolve_execution(None) == "dense"
+    with pytest.raises(ValueError, match="kv_reuse"):
+        recompute(ids(), execution="sparse")
+    with pytest.raises(ValueError, match="execution must be one of"):
+        model(ids(), execution="fast")
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
+@pytest.mark.parametrize("policy", sorted(PARTIAL))
+def test_decoding_reproduces_full_forward(policy, cache):
+    model = make(policy, cache=cache)
+    prompt = ids(B=3, T=12)
+    gen = model.generate(prompt, 16)
+    assert gen.tokens.shape == (3, 28)
+    assert torch.equal(gen.tokens[:, :12], prompt)
+    with torch.no_grad():
+        full = model(gen.tokens, execution="dense")
+    T = prompt.shape[1]
+    torch.testing.assert_close(gen.logits, full.logits[:, T - 1 : T - 1 + 16], atol=2e-5, rtol=0)
+    assert torch.equal(gen.depth, full.depth[:, T - 1 : T - 1 + 16])
+    assert torch.equal(gen.tokens[:, T:], gen.logits.argmax(-1))  # greedy
+    if policy not in ("none", "fixed_prune"):
+        assert_partial(gen.depth)
+
+
+def test_sampling_is_reproducible_and_filtered():
+    model = make("mlp_gate")
+    prompt = ids(B=2, T=6)
+    a = model.generate(prompt, 12, temperature=1.0, seed=7)
+    b = model.generate(prompt, 12, temperature=1.0, seed=7)
+    c = model.generate(prompt, 12, temperature=1.0, seed=8)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+    greedy = model.generate(prompt, 12)
+    top1 = model.generate(prompt, 12, temperature=1.0, top_k=1, seed=3)
+    assert torch.equal(greedy.tokens, top1.tokens)
+    nucleus = model.generate(prompt, 12, temperature=1.0, top_p=1e-6, seed=3)
+    assert torch.equal(greedy.tokens, nucleus.tokens)
+    # Sampled tokens still follow the full forward.
+    with torch.no_grad():
+        full = model(a.tokens, execution="dense")
+    torch.testing.assert_close(a.logits, full.logits[:, 5:17], atol=2e-5, rtol=0)
+
+
+def test_eos_rows_stop_and_cost_nothing(monkeypatch):
+    model = make("fixed_prune")
+    prompt = ids(B=3, T=8)
+    reference = model.generate(prompt, 10)
+    eos = int(reference.tokens[0, 8 + 2])  # row 0 emits this at step 2
+    rows_per_step = []
+    original = zoo.sparse.pass_compute
+
+    def spy(model, x, rope, views):
+        rows_per_step.append(x.shape[0])
+        return original(model, x, rope, views)
+
+    monkeypatch.setattr(zoo.sparse, "pass_compute", spy)
+    gen = model.generate(prompt, 10, eos_token_id=eos)
+    first = (reference.tokens[:, 8:] == eos).float().argmax(1)  # first eos step per row (0 if none)
+    for row in range(3):
+        hit = bool((reference.tokens[row, 8:] == eos).any())
+        if hit:
+            stop = int(first[row])
+            assert torch.all(gen.tokens[row, 8 + stop :] == eos)
+            assert torch.all(gen.depth[row, stop + 1 :] == 0)
+            assert torch.all(gen.logits[row, stop + 1 :] == 0)
+        else:
+            assert torch.equal(gen.tokens[row], reference.tokens[row])
+    # After row 0 stops, no pass computes it: pass 0 of later steps runs fewer rows.
+    assert min(rows_per_step[1:]) < 3
+
+
+def test_generate_rejects_bad_arguments():
+    model = make("none")
+    prompt = ids(B=1, T=250)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(prompt, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt[:, :5], 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt[:, :5], 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompt[:, :5], 0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(prompt[:, :5], 2, eos_token_id=10_000)
+
+
+def test_decode_cache_memory_formula():
+    model = make("mlp_gate")
+    cfg = model.config
+    cache = DecodeCache(cfg, batch=2, length=21, like=model.embed.weight)
+    assert cache.length == 24  # rounded up to a multiple of 8
+    assert cache.nbytes() == decode_cache_bytes(cfg, 2, 24)
+    assert cache.nbytes() == 4 * cfg.num_layers * 2 * 2 * 24 * cfg.kv_heads * cfg.head_dim * 4
