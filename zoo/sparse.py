@@ -220,6 +220,14 @@ def run_passes(
     aux = x.new_zeros(())
     mixed = x.new_zeros(B, n, x.shape[-1]) if policy.mixes_outputs else None
     freezes = model.cache.freezes
+    # Logits are kept from the pass that computed them, so a halted token's head never runs
+    # again; without per-pass logits (Loop, no logit-reading policy) or with ACT's mix, the
+    # output head runs once at the end.
+    per_pass_logits = recurrence.uses_logits or policy.uses_logits
+    keep_logits = per_pass_logits and not policy.mixes_outputs
+    logits_full = None
+    stack_out = x.new_zeros(B, n, x.shape[-1]) if recurrence.uses_hidden else None
+    update = None  # m^{i} * s^{i-1} (B, n): weight of the update into pass i's input
 
     for i in range(P):
         last = i == P - 1
@@ -230,17 +238,34 @@ def run_passes(
             break
         sel = select(runs, bucket)
         pos = sel.gather(positions).contiguous()  # (B', N)
+        x_sel = sel.gather(x)
+        if update is not None:
+            # E^{i} = E^{i-1} + m^{i} s^{i-1} delta^{i-1}, computed here so that the update
+            # (for PonderLM a V x d product) runs only for tokens that go on.
+            delta = recurrence.delta(
+                x_sel,
+                sel.gather(stack_out) if stack_out is not None else None,
+                sel.gather(logits_full) if recurrence.uses_logits else None,
+                model.embed.weight,
+            )
+            x_sel = x_sel + sel.gather(update)[..., None] * delta
+            sel.scatter_(x, x_sel)
         buffers = store.begin_pass(i, start, start + n)
         kv_len = None if bucket else start + n
         fresh = sel.full and start == 0
         views = [BufferView(kv, sel, pos, kv_len, fresh) for kv in buffers]
-        x_sel = sel.gather(x)
         h_sel, hidden_sel = compute(model, x_sel, model.rotary(pos), views)
         sel.scatter_(hidden_out, hidden_sel)
+        if stack_out is not None:
+            sel.scatter_(stack_out, h_sel)
+        logits_sel = model.head(hidden_sel) if per_pass_logits and (keep_logits or not last) else None
+        if logits_sel is not None:
+            if logits_full is None:
+                logits_full = logits_sel if sel.full else logits_sel.new_zeros(B, n, logits_sel.shape[-1])
+            if logits_full is not logits_sel:
+                sel.scatter_(logits_full, logits_sel)
         if last:
             break
-        need_logits = recurrence.uses_logits or policy.uses_logits
-        logits_sel = model.head(hidden_sel) if need_logits else None
         mask_sel = sel.gather(mask) & sel.valid
         # No ids: per-pass auxiliary cross-entropy is a training (dense) quantity.
         ctx = PassContext(positions=pos, input_ids=None, step=step, passes=P)
@@ -252,9 +277,9 @@ def run_passes(
         aux = aux + decision.aux_loss
         if mixed is not None:
             sel.scatter_(mixed, sel.gather(mixed) + decision.weight[..., None].to(x.dtype) * hidden_sel)
-        delta = recurrence.delta(x_sel, h_sel, logits_sel, model.embed.weight)
-        sel.scatter_(x, x_sel + (next_sel.to(x.dtype) * decision.gate)[..., None] * delta)
         sel.scatter_(gates[i], decision.gate.to(gates.dtype))
+        update = torch.zeros_like(gates[i]) if update is None else update
+        sel.scatter_(update, next_sel.to(x.dtype) * decision.gate)
         mask = mask.clone()
         sel.scatter_(mask, next_sel)
         masks.append(mask)
@@ -265,7 +290,8 @@ def run_passes(
     final_weight, final_aux = policy.finish(gates, mask_stack, state, PassContext(positions, None, step, P))
     aux = aux + final_aux
     hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
-    return PassTrace(model.head(hidden), hidden, mask_stack, gates, aux)
+    logits = logits_full if keep_logits else model.head(hidden)
+    return PassTrace(logits, hidden, mask_stack, gates, aux)
 
 
 def _gather_state(sel: Selection, state: dict[str, Tensor]) -> dict[str, Tensor]:

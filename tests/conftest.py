@@ -1,0 +1,78 @@
+"""Shared test helpers: small random reference models written to disk.
+
+transformers is imported inside the fixtures, so test files that do not use them do not
+pay for the import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Fills every parameter with random values, norms included, so wiring bugs show.
+
+    A default-initialised model has LayerNorm weights 1 and biases 0, which hides a
+    swapped or missing norm; here norm weights are ``1 + N(0, std)`` and everything else
+    ``N(0, std)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            param.copy_(noise + 1.0 if is_norm_weight else noise)
+    return module
+
+
+@pytest.fixture
+def randomize() -> Callable[..., torch.nn.Module]:
+    """The :func:`randomize_` helper, for tests that randomise a model of their own."""
+    return randomize_
+
+
+@pytest.fixture
+def make_hf_neox() -> Callable[..., Any]:
+    """Factory: a random ``transformers.GPTNeoXForCausalLM`` in eval mode.
+
+    Call it as ``make_hf_neox(seed=0, **GPTNeoXConfig_kwargs)``; defaults are a 2-layer,
+    width-64, 4-head model with 200 tokens and 64 positions.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    def make(seed: int = 0, **config: Any) -> GPTNeoXForCausalLM:
+        fields = dict(
+            vocab_size=200,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+        )
+        fields.update(config)
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**fields))
+        return randomize_(model, seed).eval()
+
+    return make
+
+
+@pytest.fixture
+def hf_neox_folder(tmp_path: Path, make_hf_neox: Callable[..., Any]) -> Callable[..., tuple[Any, Path]]:
+    """Factory: writes a random GPT-NeoX with ``save_pretrained`` (safetensors) under ``tmp_path``.
+
+    ``hf_neox_folder(name="hf", seed=0, save_kwargs=None, **config)`` returns
+    ``(model, folder)``.
+    """
+
+    def write(name: str = "hf", seed: int = 0, save_kwargs: dict | None = None, **config: Any):
+        model = make_hf_neox(seed=seed, **config)
+        folder = tmp_path / name
+        model.save_pretrained(folder, safe_serialization=True, **(save_kwargs or {}))
+        return model, folder
+
+    return write
