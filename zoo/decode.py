@@ -134,7 +134,9 @@ def generate(
         depth_out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
 
-        trace = run_passes(model, input_ids, 0, cache, compute=compiled, bucket=bucket)
+        trace = run_passes(
+            model, input_ids, 0, cache, compute=compiled, bucket=bucket, last_logits_only=True
+        )
         logits, depth = trace.logits[:, -1], trace.depth[:, -1]
         show = progress if progress is not None else max_new_tokens >= 64
         for j in tqdm(range(max_new_tokens), desc="generate", unit="tok", disable=not show):
@@ -153,7 +155,7 @@ def generate(
             if j + 1 == max_new_tokens:
                 break
             trace = run_passes(
-                model, token[:, None], T + j, cache, alive=alive, compute=compiled, bucket=bucket
+                model, token[:, None], T + j, cache, alive=alive, compute=compiled, bucket=bucket, last_logits_only=True
             )
             logits, depth = trace.logits[:, 0], trace.depth[:, 0]
         return GenerationOutput(tokens, logits_out, depth_out)

@@ -183,6 +183,7 @@ def run_passes(
     alive: Tensor | None = None,
     compute: Callable | None = None,
     bucket: int | None = None,
+    last_logits_only: bool = False,
 ) -> PassTrace:
     """Runs every pass over a chunk of tokens at positions ``[start, start + n)``.
 
@@ -197,6 +198,8 @@ def run_passes(
         alive: (B,) bool rows to compute at all (decoding skips rows that finished).
         compute: the pass function (:func:`pass_compute` or a compiled twin).
         bucket: slot-count rounding for compiled passes (see :func:`select`).
+        last_logits_only: return logits for the chunk's last position only, (B, 1, V), as
+            generation needs: the head then runs at the final pass for that position alone.
 
     Returns:
         the chunk's :class:`~zoo.recurrence.PassTrace` (logits of every chunk token).
@@ -224,7 +227,7 @@ def run_passes(
     # again; without per-pass logits (Loop, no logit-reading policy) or with ACT's mix, the
     # output head runs once at the end.
     per_pass_logits = recurrence.uses_logits or policy.uses_logits
-    keep_logits = per_pass_logits and not policy.mixes_outputs
+    keep_logits = per_pass_logits and not policy.mixes_outputs and not last_logits_only
     logits_full = None
     stack_out = x.new_zeros(B, n, x.shape[-1]) if recurrence.uses_hidden else None
     update = None  # m^{i} * s^{i-1} (B, n): weight of the update into pass i's input
@@ -290,7 +293,10 @@ def run_passes(
     final_weight, final_aux = policy.finish(gates, mask_stack, state, PassContext(positions, None, step, P))
     aux = aux + final_aux
     hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
-    logits = logits_full if keep_logits else model.head(hidden)
+    if keep_logits:
+        logits = logits_full
+    else:
+        logits = model.head(hidden[:, -1:] if last_logits_only else hidden)
     return PassTrace(logits, hidden, mask_stack, gates, aux)
 
 
