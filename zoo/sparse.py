@@ -110,23 +110,33 @@ class BufferView(KVView):
     at their positions (padding slots write back what was there); queries then attend over
     the buffer's first ``kv_len`` positions, each up to its own position.
 
+    Three layouts, from cheapest to most general:
+
+    * a whole chunk starting at position 0 (prefill's first pass): plain causal attention
+      over the new keys, which are also written to the buffer;
+    * a whole chunk at a later position, eager (every decode step's first pass, and later
+      passes while every row runs): the chunk is written as one slice; a single-token chunk
+      attends over the buffer's prefix with no mask at all;
+    * any selection (or any compiled pass): per-slot writes and a position mask.
+
     Args:
         buffers: the layer's (k, v) buffers for this pass.
         selection: the tokens being computed.
         positions: (B', N) absolute positions of the slots.
+        start: position of the chunk's first token.
         kv_len: keys to attend over (every slot's position is below it); ``None`` for the
             whole buffer (a constant shape, for compiled passes).
-        fresh: the selection is a whole chunk starting at position 0, so plain causal
-            attention over the new keys is exact and the buffer is only written.
     """
 
     def __init__(
-        self, buffers: KV, selection: Selection, positions: Tensor, kv_len: int | None, fresh: bool
+        self, buffers: KV, selection: Selection, positions: Tensor, start: int, kv_len: int | None
     ) -> None:
         self.buffers = buffers
         self.positions = positions
+        self.start = start
         self.kv_len = kv_len
-        self.fresh = fresh
+        self.fresh = selection.full and start == 0
+        self.contiguous = selection.full and kv_len is not None
         self.all_rows = selection.all_rows
         self.rows = selection.rows
         self.row_of_slot = selection.rows[:, None].expand_as(positions).contiguous()  # (B', N)
@@ -138,6 +148,14 @@ class BufferView(KVView):
             for buf, new in zip(self.buffers, (k, v)):
                 buf[:, :, :n].copy_(new)
             return k, v, None, True
+        if self.contiguous:
+            out = []
+            for buf, new in zip(self.buffers, (k, v)):
+                buf[:, :, self.start : self.start + n].copy_(new)
+                out.append(buf[:, :, : self.kv_len])  # (B, H_kv, kv_len, D)
+            if n == 1:  # one query per row sees every key written so far
+                return out[0], out[1], None, False
+            return out[0], out[1], self._mask(self.kv_len), False
         rows, valid = self.row_of_slot, self.valid[..., None, None]  # (B', N), (B', N, 1, 1)
         out = []
         for buf, new in zip(self.buffers, (k, v)):
@@ -145,9 +163,11 @@ class BufferView(KVView):
             buf[rows, :, self.positions] = torch.where(valid, new.transpose(1, 2), old)
             rowbuf = buf if self.all_rows else buf[self.rows]
             out.append(rowbuf if self.kv_len is None else rowbuf[:, :, : self.kv_len])  # (B', H_kv, S, D)
-        key_pos = torch.arange(out[0].shape[2], device=k.device)
-        mask = (key_pos <= self.positions[..., None])[:, None]  # (B', 1, N, kv_len)
-        return out[0], out[1], mask, False
+        return out[0], out[1], self._mask(out[0].shape[2]), False
+
+    def _mask(self, length: int) -> Tensor:
+        key_pos = torch.arange(length, device=self.positions.device)
+        return (key_pos <= self.positions[..., None])[:, None]  # (B', 1, N, length)
 
 
 class WorkingStore:
@@ -255,8 +275,7 @@ def run_passes(
             sel.scatter_(x, x_sel)
         buffers = store.begin_pass(i, start, start + n)
         kv_len = None if bucket else start + n
-        fresh = sel.full and start == 0
-        views = [BufferView(kv, sel, pos, kv_len, fresh) for kv in buffers]
+        views = [BufferView(kv, sel, pos, start, kv_len) for kv in buffers]
         h_sel, hidden_sel = compute(model, x_sel, model.rotary(pos), views)
         sel.scatter_(hidden_out, hidden_sel)
         if stack_out is not None:
