@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ def build_model(
     policy_cls = HALTING.get(config.halting)
     try:
         halting = None
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else nullcontext():
             layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
             halting = policy_cls(config, **config.halting_kwargs)
             model = RecurrentLM(
@@ -77,10 +78,3 @@ def build(
     """
     return build_model(preset(name, **overrides), device=device, dtype=dtype)
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
