@@ -1,0 +1,407 @@
+"""The documentation cannot rot: every ```python block on the site runs here.
+
+Blocks of one page run in order in one namespace, in a temporary working directory. A
+block preceded by the line ``<!-- no-run -->`` is shown but not run (kept for commands that
+need a GPU or a model hub). A block whose only line is a snippet include
+(``--8<-- "docs/tutorial/kl_halting.py"``) runs as that file, imported once.
+
+The tutorial's halting policy is also held to the properties every policy must have:
+monotone masks, depth bounds, causal decisions, a batch equal to its rows, sparse equal to
+dense, and its decision rule against an independent computation of the KL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zoo
+from zoo.halting.base import PassContext
+from zoo.registry import REGISTRIES
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+TUTORIAL = DOCS / "tutorial" / "kl_halting.py"
+FIGURE_SCRIPT = DOCS / "figures" / "make_figures.py"
+NO_RUN = "<!-- no-run -->"
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)")
+_SNIPPET = re.compile(r"""^--8<--[ \t]+["']?(?P<path>[^"'\s]+)["']?[ \t]*$""")
+
+
+# Collecting blocks ---------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One fenced code block of a page."""
+
+    page: str  # path relative to the repository root
+    number: int  # 1-based among the page's python blocks
+    line: int  # 1-based line of the opening fence
+    code: str
+    run: bool
+    include: Path | None  # the file a snippet-include block stands for
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}, python block {self.number} (line {self.line})"
+
+
+def python_blocks(text: str, page: str) -> list[Block]:
+    """The ```python blocks of a markdown page, in order, indentation (tabs, admonitions) removed."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent, fence, lang = match["indent"], match["fence"], match["lang"]
+        start = i
+        body = []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            line = lines[i]
+            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            i += 1
+        i += 1  # the closing fence
+        if lang.lower() not in ("python", "py"):
+            continue
+        previous = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        code = "\n".join(body) + "\n"
+        snippet = _SNIPPET.match(code.strip()) if code.strip().count("\n") == 0 else None
+        include = ROOT / snippet["path"] if snippet else None
+        blocks.append(Block(page, len(blocks) + 1, start + 1, code, previous != NO_RUN, include))
+    return blocks
+
+
+def site_pages() -> list[Path]:
+    """Every markdown page of the site."""
+    return sorted(DOCS.rglob("*.md"))
+
+
+def runnable_pages() -> list[str]:
+    return [
+        str(p.relative_to(ROOT))
+        for p in site_pages()
+        if any(b.run for b in python_blocks(p.read_text(), str(p.relative_to(ROOT))))
+    ]
+
+
+# Keeping the registries as they were ---------------------------------------------------------
+
+_LOADED: dict[Path, object] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The examples use tiny models, for which thread start-up costs more than it saves
+    (on a loaded 2-core machine a tiny decode is 40x slower with the default threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_registries():
+    """Parts registered by doc pages and the tutorial (``kl``) leave with this module.
+
+    Registries have no public removal (a name is registered once, where its class is
+    defined), so the snapshot is restored through the private table, here only.
+    """
+    saved = {kind: dict(reg._entries) for kind, reg in REGISTRIES.items()}
+    yield
+    for kind, reg in REGISTRIES.items():
+        reg._entries.clear()
+        reg._entries.update(saved[kind])
+    for path in list(_LOADED):
+        sys.modules.pop(_module_name(path), None)
+    _LOADED.clear()
+
+
+def _module_name(path: Path) -> str:
+    return "docs_" + "_".join(path.relative_to(DOCS).with_suffix("").parts)
+
+
+def load_file(path: Path):
+    """Imports a documentation file once (its registrations happen once)."""
+    if path not in _LOADED:
+        name = _module_name(path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _LOADED[path] = module
+    return _LOADED[path]
+
+
+# Running the pages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", runnable_pages())
+def test_page_examples_run(page: str, tmp_path, monkeypatch) -> None:
+    """Each python block of the page runs, in order, in one namespace."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {"__name__": "__docs__"}
+    for block in python_blocks((ROOT / page).read_text(), page):
+        if not block.run:
+            continue
+        try:
+            if block.include is not None:
+                module = load_file(block.include)
+                namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+            else:
+                exec(compile(block.code, block.where, "exec"), namespace)
+        except Exception:
+            pytest.fail(f"{block.where} failed:\n{block.code}\n{traceback.format_exc()}", pytrace=False)
+
+
+def test_collector_reads_fences_markers_and_snippets() -> None:
+    page = "\n".join(
+        [
+            "```python",
+            "a = 1",
+            "```",
+            "<!-- no-run -->",
+            "",
+            "```python",
+            "raise SystemExit",
+            "```",
+            "```bash",
+            "make test",
+            "```",
+            '=== "Tab"',
+            "",
+            "    ```python",
+            "    b = a + 1",
+            "",
+            "    ```",
+            "```python",
+            '--8<-- "docs/tutorial/kl_halting.py"',
+            "```",
+        ]
+    )
+    blocks = python_blocks(page, "page.md")
+    assert [b.run for b in blocks] == [True, False, True, True]
+    assert [b.line for b in blocks] == [1, 6, 14, 18]
+    assert blocks[2].code == "b = a + 1\n\n"
+    assert blocks[3].include == TUTORIAL and blocks[0].include is None
+
+
+def test_every_page_is_in_the_nav_and_examples_exist() -> None:
+    """A page missing from the nav would be built but unreachable; the site has examples."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    missing = [
+        str(p.relative_to(DOCS))
+        for p in site_pages()
+        if str(p.relative_to(DOCS)) not in nav
+    ]
+    assert not missing, f"pages not in mkdocs.yml nav: {missing}"
+    assert len(runnable_pages()) >= 10
+
+
+# Figures ---------------------------------------------------------------------------------------
+
+
+def _figure_names() -> list[str]:
+    module = load_file(FIGURE_SCRIPT)
+    return sorted(module.FIGURES)
+
+
+def test_figures_are_committed_and_shown_with_their_command() -> None:
+    pages = {p: p.read_text() for p in site_pages()}
+    for name in _figure_names():
+        assert (DOCS / "figures" / name).is_file(), f"docs/figures/{name} is missing; run make_figures.py"
+        showing = [p for p, text in pages.items() if f"figures/{name}" in text]
+        assert showing, f"no page shows docs/figures/{name}"
+        for page in showing:
+            assert "docs/figures/make_figures.py" in pages[page], (
+                f"{page.relative_to(ROOT)} shows {name} without the command that regenerates it"
+            )
+
+
+def test_figures_match_the_script(tmp_path) -> None:
+    """The committed figures are what the script draws now (regenerate them if this fails)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    subprocess.run(
+        [sys.executable, str(FIGURE_SCRIPT), "--out", str(tmp_path)], check=True, cwd=ROOT, env=env,
+        capture_output=True,
+    )
+    for name in _figure_names():
+        fresh, committed = (tmp_path / name).read_bytes(), (DOCS / "figures" / name).read_bytes()
+        assert fresh == committed, (
+            f"docs/figures/{name} is stale: run `python docs/figures/make_figures.py` and commit it"
+        )
+
+
+# The tutorial's policy -------------------------------------------------------------------------
+
+
+def kl_model(cache: str, threshold: float, passes: int = 4, recurrence: str = "ponder", seed: int = 0):
+    load_file(TUTORIAL)
+    torch.manual_seed(seed)
+    return zoo.build(
+        "ponder-pythia-tiny",
+        recurrence=recurrence,
+        passes=passes,
+        halting="kl",
+        cache=cache,
+        halting_kwargs={"threshold": threshold},
+    ).eval()
+
+
+def reference_kl(model, ids: torch.Tensor, index: int) -> torch.Tensor:
+    """KL(p^{index-1} || p^index) per token, from the same weights run with 'none' halting."""
+    log_probs = []
+    for passes in (index, index + 1):
+        plain = zoo.build("ponder-pythia-tiny", passes=passes, halting="none", cache=model.config.cache)
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            log_probs.append(torch.log_softmax(plain(ids, execution="dense").logits.float(), -1))
+    previous, current = log_probs
+    return (previous.exp() * (previous - current)).sum(-1)
+
+
+thresholds = st.sampled_from([1e-4, 3e-4, 4e-4, 5e-4, 1e-3])
+caches = st.sampled_from(["kv_reuse", "recompute"])
+id_batches = st.integers(1, 3).flatmap(
+    lambda b: st.integers(1, 20).flatmap(
+        lambda t: st.lists(st.lists(st.integers(0, 511), min_size=t, max_size=t), min_size=b, max_size=b)
+    )
+)
+
+
+@settings(max_examples=12, deadline=None)
+@given(ids=id_batches, cache=caches, threshold=thresholds, recurrence=st.sampled_from(["ponder", "loop"]))
+def test_kl_policy_masks_and_depth(ids, cache, threshold, recurrence) -> None:
+    model = kl_model(cache, threshold, recurrence=recurrence)
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        out = model(ids, execution="dense")
+    masks = out.masks
+    assert masks[0].all() and masks[1].all(), "pass 0 has nothing to compare with: every token runs pass 1"
+    assert (masks[1:] <= masks[:-1]).all(), "masks must be monotone"
+    assert torch.equal(out.depth, masks.sum(0))
+    assert ((out.depth >= 2) & (out.depth <= 4)).all()
+    assert torch.equal(out.gates, torch.ones_like(out.gates))
+    assert out.aux_loss.item() == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), index=st.integers(0, 2), threshold=thresholds)
+def test_kl_policy_step_never_resumes_a_token(seed, index, threshold) -> None:
+    """Called directly with tokens already halted and distributions far apart."""
+    policy = load_file(TUTORIAL).KLHalting(zoo.preset("ponder-pythia-tiny"), threshold=threshold)
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 2, 6, 512
+    mask = torch.rand(B, T, generator=g) < 0.5
+    state = {"log_probs": torch.log_softmax(3 * torch.randn(B, T, V, generator=g), -1)}
+    logits = 3 * torch.randn(B, T, V, generator=g)
+    ctx = PassContext(positions=torch.arange(T).expand(B, T), input_ids=None, step=None, passes=4)
+    decision = policy.step(index, torch.zeros(B, T, 64), logits, mask, state, ctx)
+    assert not (decision.mask & ~mask).any(), "a halted token must stay halted"
+    if index == 0:
+        assert torch.equal(decision.mask, mask)
+    kept = decision.state["log_probs"]
+    assert torch.equal(kept[~mask], state["log_probs"][~mask])
+    torch.testing.assert_close(kept[mask], torch.log_softmax(logits, -1)[mask])
+
+
+@settings(max_examples=10, deadline=None)
+@given(ids=id_batches, cache=caches, threshold=thresholds, cut=st.integers(0, 19), data=st.data())
+def test_kl_policy_is_causal_and_batch_equals_rows(ids, cache, threshold, cut, data) -> None:
+    model = kl_model(cache, threshold)
+    ids = torch.tensor(ids)
+    T = ids.shape[1]
+    cut = min(cut, T - 1)
+    changed = ids.clone()
+    changed[:, cut + 1 :] = torch.tensor(
+        data.draw(st.lists(st.integers(0, 511), min_size=T - cut - 1, max_size=T - cut - 1))
+    )
+    with torch.no_grad():
+        out, other = model(ids, execution="dense"), model(changed, execution="dense")
+        rows = [model(row[None], execution="dense") for row in ids]
+    # A token's decisions and outputs depend only on its prefix.
+    assert torch.equal(out.depth[:, : cut + 1], other.depth[:, : cut + 1])
+    torch.testing.assert_close(out.logits[:, : cut + 1], other.logits[:, : cut + 1])
+    # A batch computes what its rows compute alone.
+    assert torch.equal(out.depth, torch.cat([r.depth for r in rows]))
+    torch.testing.assert_close(out.logits, torch.cat([r.logits for r in rows]))
+
+
+@settings(max_examples=8, deadline=None)
+@given(ids=id_batches, threshold=thresholds)
+def test_kl_policy_sparse_equals_dense(ids, threshold) -> None:
+    model = kl_model("kv_reuse", threshold)
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        dense, sparse = model(ids, execution="dense"), model(ids, execution="sparse")
+    assert torch.equal(dense.depth, sparse.depth)
+    torch.testing.assert_close(dense.logits, sparse.logits)
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
+def test_kl_policy_decoding_reproduces_the_full_forward(cache) -> None:
+    model = kl_model(cache, 4e-4)
+    prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(3))
+    gen = model.generate(prompt, 8)
+    with torch.no_grad():
+        full = model(gen.tokens, execution="dense")
+    assert torch.equal(gen.depth, full.depth[:, 4:-1])
+    torch.testing.assert_close(gen.logits, full.logits[:, 4:-1])
+    assert gen.depth.unique().numel() > 1, "the example should mix depths"
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
+def test_kl_policy_decides_by_the_kl_between_passes(cache) -> None:
+    """With 3 passes a token runs the third one exactly when KL(p^0 || p^1) >= threshold."""
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    probe = kl_model(cache, 0.0, passes=3)
+    kl = reference_kl(probe, ids, 1)
+    threshold = kl.median().item()  # about half the tokens halt
+    model = kl_model(cache, threshold, passes=3)
+    model.load_state_dict(probe.state_dict())
+    with torch.no_grad():
+        depth = model(ids, execution="dense").depth
+    assert torch.equal(depth, torch.where(kl >= threshold, 3, 2))
+    assert 0 < (depth == 2).sum() < depth.numel()
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
+def test_kl_policy_limits_are_plain_models(cache) -> None:
+    """threshold 0 never halts (4-pass PonderLM); an infinite one halts all after pass 1."""
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    never = kl_model(cache, 0.0)
+    always = kl_model(cache, float("inf"))
+    always.load_state_dict(never.state_dict())
+    four = zoo.build("ponder-pythia-tiny", halting="none", cache=cache)
+    two = zoo.build("ponder-pythia-tiny", passes=2, halting="none", cache=cache)
+    for plain in (four, two):
+        plain.load_state_dict(never.state_dict())
+    with torch.no_grad():
+        assert (never(ids, execution="dense").depth == 4).all()
+        torch.testing.assert_close(never(ids, execution="dense").logits, four(ids, execution="dense").logits)
+        out = always(ids, execution="dense")
+        assert (out.depth == 2).all()
+        if cache == "kv_reuse":  # frozen after pass 1: exactly the 2-pass model
+            torch.testing.assert_close(out.logits, two(ids, execution="dense").logits)
+
+
+def test_kl_policy_rejects_a_bad_threshold() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        kl_model("kv_reuse", -1.0)
