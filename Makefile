@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Two pytest workers, one torch thread each (tests/conftest.py): tiny models run fastest so.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 	$(PY) -m mkdocs build --strict --quiet
 
 docs: venv

@@ -12,6 +12,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
+# Tests run tiny models, for which one intra-op thread is fastest; `make test` runs two
+# pytest workers side by side instead.
+torch.set_num_threads(1)
+
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     """Fills every parameter with random values, norms included, so wiring bugs show.

@@ -35,14 +35,12 @@ class Recurrence(nn.Module):
 
     Class attributes:
         uses_logits: :meth:`delta` needs the pass's logits (the head runs every pass).
-        uses_hidden: :meth:`delta` needs the stack's output ``H^i``.
 
     Args:
         config: the model config (``embed_scale``, ``initial_embed_mult``).
     """
 
     uses_logits: ClassVar[bool] = False
-    uses_hidden: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -93,8 +91,6 @@ class Loop(Recurrence):
     input stays frozen. The final norm matters only for the output: intermediate passes are
     normalised only when a halting policy reads them.
     """
-
-    uses_hidden = True
 
     def initial(self, embeds: Tensor) -> Tensor:
         return embeds * self.embed_scale

@@ -53,6 +53,7 @@ class Selection:
         full: every token of the chunk runs (rows are all rows, index is ``arange(n)``).
         all_rows: ``rows`` is every batch row (true when ``full``, and always for the static
             layout compiled passes use).
+        padded: some slots are padding (rows run different numbers of tokens).
     """
 
     rows: Tensor
@@ -60,6 +61,7 @@ class Selection:
     valid: Tensor
     full: bool
     all_rows: bool
+    padded: bool
 
     def gather(self, full: Tensor) -> Tensor:
         """``full`` (B, n, ...) -> (B', N, ...)."""
@@ -73,6 +75,9 @@ class Selection:
             full.copy_(values)
             return
         rows = self.rows[:, None]
+        if not self.padded:
+            full[rows, self.index] = values
+            return
         valid = self.valid.reshape(*self.valid.shape, *([1] * (values.dim() - 2)))
         full[rows, self.index] = torch.where(valid, values, full[rows, self.index])
 
@@ -91,7 +96,7 @@ def select(runs: Tensor, bucket: int | None = None) -> Selection:
     all_rows = torch.arange(B, device=runs.device)
     if bool((counts == n).all()):
         index = torch.arange(n, device=runs.device).repeat(B, 1)  # contiguous: compiled guards see strides
-        return Selection(all_rows, index, runs, True, True)
+        return Selection(all_rows, index, runs, True, True, bool(bucket))
     rows = all_rows if bucket else counts.nonzero().squeeze(1)  # (B',)
     slots = int(counts.max())
     if bucket:
@@ -100,7 +105,8 @@ def select(runs: Tensor, bucket: int | None = None) -> Selection:
     order = torch.sort((~runs[rows]).to(torch.int8), dim=1, stable=True).indices  # (B', n)
     index = order[:, :slots]
     valid = torch.arange(slots, device=runs.device) < counts[rows, None]
-    return Selection(rows, index, valid, False, bool(bucket))
+    # Compiled passes always take the padded path: one graph whatever the row counts.
+    return Selection(rows, index, valid, False, bool(bucket), bool(bucket) or not bool(valid.all()))
 
 
 class BufferView(KVView):
@@ -141,6 +147,7 @@ class BufferView(KVView):
         self.rows = selection.rows
         self.row_of_slot = selection.rows[:, None].expand_as(positions).contiguous()  # (B', N)
         self.valid = selection.valid.contiguous()
+        self.padded = selection.padded
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool]:
         n = k.shape[2]
@@ -159,8 +166,10 @@ class BufferView(KVView):
         rows, valid = self.row_of_slot, self.valid[..., None, None]  # (B', N), (B', N, 1, 1)
         out = []
         for buf, new in zip(self.buffers, (k, v)):
-            old = buf[rows, :, self.positions]  # (B', N, H_kv, D)
-            buf[rows, :, self.positions] = torch.where(valid, new.transpose(1, 2), old)
+            new = new.transpose(1, 2)  # (B', N, H_kv, D)
+            if self.padded:  # padding slots write back what is there
+                new = torch.where(valid, new, buf[rows, :, self.positions])
+            buf[rows, :, self.positions] = new
             rowbuf = buf if self.all_rows else buf[self.rows]
             out.append(rowbuf if self.kv_len is None else rowbuf[:, :, : self.kv_len])  # (B', H_kv, S, D)
         return out[0], out[1], self._mask(out[0].shape[2]), False
@@ -243,14 +252,12 @@ def run_passes(
     aux = x.new_zeros(())
     mixed = x.new_zeros(B, n, x.shape[-1]) if policy.mixes_outputs else None
     freezes = model.cache.freezes
-    # Logits are kept from the pass that computed them, so a halted token's head never runs
-    # again; without per-pass logits (Loop, no logit-reading policy) or with ACT's mix, the
-    # output head runs once at the end.
+    # A token's output logits are those of the last pass it ran, written once, when it stops
+    # (or at the last pass): a halted token's head never runs again. Without per-pass logits
+    # (Loop, no logit-reading policy) or with ACT's mix, the head runs once at the end.
     per_pass_logits = recurrence.uses_logits or policy.uses_logits
     keep_logits = per_pass_logits and not policy.mixes_outputs and not last_logits_only
-    logits_full = None
-    stack_out = x.new_zeros(B, n, x.shape[-1]) if recurrence.uses_hidden else None
-    update = None  # m^{i} * s^{i-1} (B, n): weight of the update into pass i's input
+    logits_out = None
 
     for i in range(P):
         last = i == P - 1
@@ -262,31 +269,15 @@ def run_passes(
         sel = select(runs, bucket)
         pos = sel.gather(positions).contiguous()  # (B', N)
         x_sel = sel.gather(x)
-        if update is not None:
-            # E^{i} = E^{i-1} + m^{i} s^{i-1} delta^{i-1}, computed here so that the update
-            # (for PonderLM a V x d product) runs only for tokens that go on.
-            delta = recurrence.delta(
-                x_sel,
-                sel.gather(stack_out) if stack_out is not None else None,
-                sel.gather(logits_full) if recurrence.uses_logits else None,
-                model.embed.weight,
-            )
-            x_sel = x_sel + sel.gather(update)[..., None] * delta
-            sel.scatter_(x, x_sel)
         buffers = store.begin_pass(i, start, start + n)
         kv_len = None if bucket else start + n
         views = [BufferView(kv, sel, pos, start, kv_len) for kv in buffers]
         h_sel, hidden_sel = compute(model, x_sel, model.rotary(pos), views)
         sel.scatter_(hidden_out, hidden_sel)
-        if stack_out is not None:
-            sel.scatter_(stack_out, h_sel)
         logits_sel = model.head(hidden_sel) if per_pass_logits and (keep_logits or not last) else None
-        if logits_sel is not None:
-            if logits_full is None:
-                logits_full = logits_sel if sel.full else logits_sel.new_zeros(B, n, logits_sel.shape[-1])
-            if logits_full is not logits_sel:
-                sel.scatter_(logits_full, logits_sel)
         if last:
+            if keep_logits:
+                logits_out = _write_logits(logits_out, sel, logits_sel, sel.valid, (B, n))
             break
         mask_sel = sel.gather(mask) & sel.valid
         # No ids: per-pass auxiliary cross-entropy is a training (dense) quantity.
@@ -299,9 +290,12 @@ def run_passes(
         aux = aux + decision.aux_loss
         if mixed is not None:
             sel.scatter_(mixed, sel.gather(mixed) + decision.weight[..., None].to(x.dtype) * hidden_sel)
+        if keep_logits and freezes:
+            logits_out = _write_logits(logits_out, sel, logits_sel, sel.valid & ~next_sel, (B, n))
+        # E^{i+1} = E^i + m^{i+1} s^i delta^i, the update computed only for tokens that go on.
+        delta = _update_direction(recurrence, x_sel, h_sel, logits_sel, next_sel, model.embed.weight)
+        sel.scatter_(x, x_sel + (next_sel.to(x.dtype) * decision.gate)[..., None] * delta)
         sel.scatter_(gates[i], decision.gate.to(gates.dtype))
-        update = torch.zeros_like(gates[i]) if update is None else update
-        sel.scatter_(update, next_sel.to(x.dtype) * decision.gate)
         mask = mask.clone()
         sel.scatter_(mask, next_sel)
         masks.append(mask)
@@ -313,10 +307,35 @@ def run_passes(
     aux = aux + final_aux
     hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
     if keep_logits:
-        logits = logits_full
+        logits = logits_out
     else:
         logits = model.head(hidden[:, -1:] if last_logits_only else hidden)
     return PassTrace(logits, hidden, mask_stack, gates, aux)
+
+
+def _write_logits(out: Tensor | None, sel: Selection, logits: Tensor, which: Tensor, shape) -> Tensor:
+    """Writes the selected slots' logits (B', N, V) where ``which`` into ``out`` (B, n, V)."""
+    if out is None:
+        if sel.full and bool(which.all()):
+            return logits
+        out = logits.new_zeros(*shape, logits.shape[-1])
+    rows = sel.rows[:, None].expand_as(sel.index)
+    out[rows[which], sel.index[which]] = logits[which]
+    return out
+
+
+def _update_direction(recurrence, x: Tensor, h: Tensor, logits: Tensor | None, goes_on: Tensor, embed: Tensor) -> Tensor:
+    """The recurrence's update direction (B', N, d) for the slots that run the next pass.
+
+    PonderLM's direction is a V x d product per token: it is computed for the tokens that go
+    on only (zeros elsewhere, where the update's weight is zero anyway).
+    """
+    if not recurrence.uses_logits or bool(goes_on.all()):
+        return recurrence.delta(x, h, logits, embed)
+    delta = torch.zeros_like(x)
+    if bool(goes_on.any()):
+        delta[goes_on] = recurrence.delta(x[goes_on], h[goes_on], logits[goes_on], embed)
+    return delta
 
 
 def _gather_state(sel: Selection, state: dict[str, Tensor]) -> dict[str, Tensor]:
