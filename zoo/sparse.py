@@ -314,9 +314,13 @@ def run_passes(
 
 
 def _write_logits(out: Tensor | None, sel: Selection, logits: Tensor, which: Tensor, shape) -> Tensor:
-    """Writes the selected slots' logits (B', N, V) where ``which`` into ``out`` (B, n, V)."""
+    """Writes the selected slots' logits (B', N, V) where ``which`` into ``out`` (B, n, V).
+
+    A whole-chunk pass's logits become the output buffer itself (no copy): the entries of
+    tokens that go on are overwritten when they stop, since every token stops exactly once.
+    """
     if out is None:
-        if sel.full and bool(which.all()):
+        if sel.full:
             return logits
         out = logits.new_zeros(*shape, logits.shape[-1])
     rows = sel.rows[:, None].expand_as(sel.index)
