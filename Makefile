@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 # Two pytest workers, one torch thread each (tests/conftest.py): tiny models run fastest so.
 test: venv
 	$(PY) -m pytest -q -n 2
-	$(PY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 docs: venv
 	$(PY) -m mkdocs serve

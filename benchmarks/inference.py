@@ -181,11 +181,11 @@ def bench_decode(args) -> list[dict]:
             prompt = random_ids(B, T, base.config.vocab_size, args.device)
             work = {}
             for s, m in models.items():
-                full = m(m.generate(prompt, M).tokens[:, : T + M - 1]).depth  # the positions decoding runs
+                full = m(m.generate(prompt, M, progress=False).tokens[:, : T + M - 1]).depth  # the positions decoding runs
                 work[s] = flops.count(m, full, execution="sparse").total - flops.count(m, full[:, :T], execution="sparse").total
             variants = {}
             for s, m in models.items():
-                variants[f"gen {s}"] = lambda m=m: m.generate(prompt, M)
+                variants[f"gen {s}"] = lambda m=m: m.generate(prompt, M, progress=False)
                 variants[f"prefill {s}"] = lambda m=m: m(prompt)
             t = alternate(variants, args.repeats, args.device)
             decode = {s: t[f"gen {s}"] - t[f"prefill {s}"] for s in models}
@@ -225,12 +225,12 @@ def bench_generate(args) -> list[dict]:
             hf.forward = torch.compile(hf.forward)
         for B in [int(b) for b in args.batch.split(",")]:
             prompt = random_ids(B, T, model.config.vocab_size, args.device)
-            ours = model.generate(prompt, M).tokens
+            ours = model.generate(prompt, M, progress=False).tokens
             theirs = hf.generate(prompt, max_new_tokens=M, min_new_tokens=M, do_sample=False, pad_token_id=0)
             agree = float((ours[:, T:] == theirs[:, T:]).float().mean())
             t = alternate(
                 {
-                    "zoo": lambda: model.generate(prompt, M),
+                    "zoo": lambda: model.generate(prompt, M, progress=False),
                     "transformers": lambda: hf.generate(
                         prompt, max_new_tokens=M, min_new_tokens=M, do_sample=False, pad_token_id=0
                     ),
