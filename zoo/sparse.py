@@ -245,7 +245,8 @@ def run_passes(
     if alive is not None:
         live = live & alive[:, None]
     mask = live  # m^0
-    state = {key: value.clone() for key, value in policy.init_state(mask).items()}  # scattered into
+    # Cloned: passes scatter into the state in place.
+    state = {key: value.clone() for key, value in policy.init_state(mask).items()}
     hidden_out = x.new_zeros(B, n, x.shape[-1])
     gates = x.new_ones(max(P - 1, 0), B, n)
     masks = [mask]
