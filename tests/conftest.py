@@ -13,8 +13,15 @@ import pytest
 import torch
 
 # Tests run tiny models, for which one intra-op thread is fastest; `make test` runs two
-# pytest workers side by side instead.
+# pytest workers side by side instead. Set at import so module-scoped fixtures get it too.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Puts the thread count back to one after any test (or recipe it runs) changed it."""
+    yield
+    torch.set_num_threads(1)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:

@@ -107,16 +107,6 @@ _LOADED: dict[Path, object] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The examples use tiny models, for which thread start-up costs more than it saves
-    (on a loaded 2-core machine a tiny decode is 40x slower with the default threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def _restore_registries():
     """Parts registered by doc pages and the tutorial (``kl``) leave with this module.
 

@@ -69,19 +69,10 @@ def run_to_end(command: list[str], timeout: float) -> tuple[int, str]:
     return process.returncode, err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A 16-step tiny AdaPonder run, shared by the tests that read a trained model."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    torch.set_num_threads(1)
     assert (
         recipe("pretrain").main(
             ["--steps", "16", "--out", str(out), "--lr", "1e-2", "--eval-windows", "4", *SMALL]

@@ -28,15 +28,6 @@ from zoo.train import (
 GATES = {"warmup_steps": 3, "ramp_steps": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; on a busy machine a second one mostly spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus() -> tuple[TokenStream, TokenStream]:
     return load_corpus("embedded", ByteTokenizer())

@@ -48,12 +48,10 @@ from torch import Tensor, nn
 
 from zoo.build import build_model
 from zoo.config import ModelConfig
-from zoo.model import RecurrentLM
+from zoo.model import EXECUTIONS, RecurrentLM
 from zoo.recurrence import Ponder
 
 __all__ = ["MacCount", "count", "relative_to_full", "relative_to_single_pass", "EXECUTIONS"]
-
-EXECUTIONS = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -123,15 +121,9 @@ def count(
     config = model.config
     P = config.passes
     depth = _depth_tensor(depth, seq_len, P)
-    if execution is None:
+    if execution is None:  # as model(ids) in eval() mode, whatever mode the model is in
         execution = "sparse" if model.cache.freezes else "dense"
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS} or None, got {execution!r}")
-    if execution == "sparse" and not model.cache.freezes:
-        raise ValueError(
-            f"sparse execution skips halted tokens, which needs a cache that freezes them; "
-            f"cache={config.cache!r} re-runs every token. Count execution='dense' or use cache='kv_reuse'"
-        )
+    execution = model.resolve_execution(execution)
     if execution == "dense":
         depth = torch.full_like(depth, P)
 

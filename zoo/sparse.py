@@ -63,6 +63,10 @@ class Selection:
     all_rows: bool
     padded: bool
 
+    def slot_rows(self) -> Tensor:
+        """(B', N) the batch row of each slot."""
+        return self.rows[:, None].expand_as(self.index)
+
     def gather(self, full: Tensor) -> Tensor:
         """``full`` (B, n, ...) -> (B', N, ...)."""
         if self.full:
@@ -145,7 +149,7 @@ class BufferView(KVView):
         self.contiguous = selection.full and kv_len is not None
         self.all_rows = selection.all_rows
         self.rows = selection.rows
-        self.row_of_slot = selection.rows[:, None].expand_as(positions).contiguous()  # (B', N)
+        self.row_of_slot = selection.slot_rows().contiguous()  # (B', N)
         self.valid = selection.valid.contiguous()
         self.padded = selection.padded
 
@@ -324,8 +328,7 @@ def _write_logits(out: Tensor | None, sel: Selection, logits: Tensor, which: Ten
         if sel.full:
             return logits
         out = logits.new_zeros(*shape, logits.shape[-1])
-    rows = sel.rows[:, None].expand_as(sel.index)
-    out[rows[which], sel.index[which]] = logits[which]
+    out[sel.slot_rows()[which], sel.index[which]] = logits[which]
     return out
 
 
