@@ -12,6 +12,8 @@ machine noise falls on all of them alike), each against its ideal:
   against the ideal from the decode steps' multiply-accumulates.
 * ``generate``: greedy generation with the plain ``pythia-{size}`` against transformers'
   ``GPTNeoXForCausalLM.generate`` on the same weights.
+* ``head``: the vocabulary head on the few rows of a decode step, :class:`zoo.blocks.VocabHead`
+  against ``F.linear`` (what ``nn.Linear`` runs) on the same weight.
 
 Weights are random (the timing does not depend on them; halting is set by the policy).
 
@@ -41,7 +43,7 @@ from zoo import flops
 from zoo.halting.fixed_prune import ratio_for_depth
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("prefill", "decode", "generate")
+PARTS = ("prefill", "decode", "generate", "head")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,6 +254,38 @@ def bench_generate(args) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def bench_head(args) -> list[dict]:
+    import torch.nn.functional as F
+
+    from zoo.blocks import VocabHead
+
+    rows_out = []
+    dtype = getattr(torch, args.dtype)
+    for size in args.sizes.split(","):
+        config = zoo.preset(f"pythia-{size}")
+        torch.manual_seed(0)
+        head = VocabHead(config.dim, config.vocab_size).to(args.device, dtype)
+        for rows in (1, 2, 8, 64):
+            h = torch.randn(rows, 1, config.dim, device=args.device, dtype=dtype)
+            t = alternate(
+                {"VocabHead": lambda: head(h), "F.linear": lambda: F.linear(h, head.weight)},
+                max(args.repeats, 20),
+                args.device,
+            )
+            rows_out.append(
+                {
+                    "size": size,
+                    "rows": rows,
+                    "VocabHead ms": 1000 * t["VocabHead"],
+                    "F.linear ms": 1000 * t["F.linear"],
+                    "speed-up": t["F.linear"] / t["VocabHead"],
+                }
+            )
+    print_table("Vocabulary head on a decode step's rows (speed-up > 1: VocabHead faster)", rows_out)
+    return rows_out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -269,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    runners = {"prefill": bench_prefill, "decode": bench_decode, "generate": bench_generate}
+    runners = {"prefill": bench_prefill, "decode": bench_decode, "generate": bench_generate, "head": bench_head}
     for p in parts:
         results[p] = runners[p](args)
     out = args.out or RESULTS / f"inference-{args.device.split(':')[0]}.json"

@@ -13,6 +13,8 @@ dense, and its decision rule against an independent computation of the KL.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import re
 import subprocess
@@ -34,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 TUTORIAL = DOCS / "tutorial" / "kl_halting.py"
 FIGURE_SCRIPT = DOCS / "figures" / "make_figures.py"
+DEPTH_SCRIPT = DOCS / "figures" / "policy_depths.py"
+DEPTH_NUMBERS = DOCS / "figures" / "policy_depths.json"
 NO_RUN = "<!-- no-run -->"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)")
@@ -237,6 +241,86 @@ def test_figures_match_the_script(tmp_path) -> None:
         assert fresh == committed, (
             f"docs/figures/{name} is stale: run `python docs/figures/make_figures.py` and commit it"
         )
+
+
+# Depth figures of the demo model (policy_depths.py) ---------------------------------------------
+
+
+def test_depth_figures_are_committed_and_shown_with_their_commands() -> None:
+    """Each figure is on its pages with the two commands that regenerate it and its numbers."""
+    script = load_file(DEPTH_SCRIPT)
+    numbers = json.loads(DEPTH_NUMBERS.read_text())
+    assert numbers["figures"] == {name: list(keys) for name, (keys, _) in script.FIGURES.items()}
+    assert not set(script.FIGURES) & set(_figure_names()), "depth figures need the trained demo"
+    for name, (keys, pages) in script.FIGURES.items():
+        assert (DOCS / "figures" / name).is_file(), f"docs/figures/{name} is missing; run policy_depths.py"
+        for page in pages:
+            text = (ROOT / page).read_text()
+            assert f"figures/{name}" in text, f"{page} does not show {name}"
+            assert "make demo" in text and "docs/figures/policy_depths.py" in text, (
+                f"{page} shows {name} without the commands that regenerate it"
+            )
+            for key in keys:
+                perplexity = f"{numbers['evaluations'][key]['report']['perplexity']:.3f}"
+                assert perplexity in text, f"{page} does not quote {key}'s measured perplexity {perplexity}"
+
+
+def test_depth_numbers_are_consistent() -> None:
+    from zoo.halting.fixed_prune import expected_depth
+
+    numbers = json.loads(DEPTH_NUMBERS.read_text())
+    evaluations = numbers["evaluations"]
+    for name, entry in evaluations.items():
+        report, shares = entry["report"], entry["depth_share"]
+        assert len(shares) == report["passes"] and sum(shares) == pytest.approx(1.0, abs=1e-12), name
+        assert shares == pytest.approx([c / report["tokens"] for c in report["depth_counts"]]), name
+        mean = sum(d * share for d, share in enumerate(shares, 1))
+        assert mean == pytest.approx(report["mean_depth"], rel=1e-12), name
+        assert report["tokens"] == numbers["eval"]["tokens"], name
+        assert report["perplexity"] == pytest.approx(math.exp(report["nll"])), name
+        assert report["compute_saved"] == pytest.approx(1 - report["compute_vs_full"]), name
+    # fixed_prune runs at mlp_gate's measured mean depth, in expectation.
+    fixed, gates = evaluations["fixed_prune"], evaluations["mlp_gate"]["report"]
+    assert fixed["target_mean_depth"] == gates["mean_depth"]
+    assert expected_depth(fixed["halting_kwargs"]["ratio"], gates["passes"]) == pytest.approx(
+        gates["mean_depth"], abs=1e-9
+    )
+    assert evaluations["none"]["report"]["mean_depth"] == 4.0
+    assert evaluations["act"]["training"]["train"]["train_only"] == ["halting."]
+
+
+@pytest.mark.slow
+def test_depth_script_runs_on_a_fresh_demo(tmp_path) -> None:
+    """A 4-step demo, then the script on it as a reader runs it (a subprocess)."""
+    spec = importlib.util.spec_from_file_location("docs_test_recipe_demo", ROOT / "recipes" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(demo)
+        run = tmp_path / "demo"
+        args = ["--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-windows", "2"]
+        assert demo.main([*args, "--new-tokens", "4", "--out", str(run)]) == 0
+    finally:
+        sys.modules.pop(spec.name, None)
+    out = tmp_path / "figures"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    command = [sys.executable, str(DEPTH_SCRIPT), "--run", str(run), "--out", str(out)]
+    small = ["--act-steps", "2", "--eval-windows", "2"]
+    done = subprocess.run([*command, *small], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads((out / "policy_depths.json").read_text())
+    assert numbers["run"]["step"] == 4 and numbers["eval"]["tokens"] == 2 * 32
+    assert numbers["evaluations"]["act"]["training"]["train"]["steps"] == 2
+    for name, keys in numbers["figures"].items():
+        assert (out / name).read_text().startswith("<?xml"), name
+        assert all(key in numbers["evaluations"] for key in keys)
+
+
+def test_depth_script_without_a_demo_run_says_what_to_do(tmp_path) -> None:
+    script = load_file(DEPTH_SCRIPT)
+    with pytest.raises(SystemExit, match="run `make demo` first, or pass --run"):
+        script.main(["--run", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 # The tutorial's policy -------------------------------------------------------------------------

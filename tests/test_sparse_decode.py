@@ -179,3 +179,38 @@ def test_decode_cache_memory_formula():
     assert cache.length == 24  # rounded up to a multiple of 8
     assert cache.nbytes() == decode_cache_bytes(cfg, 2, 24)
     assert cache.nbytes() == 4 * cfg.num_layers * 2 * 2 * 24 * cfg.kv_heads * cfg.head_dim * 4
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 32, 33])
+def test_vocab_head_fast_path_is_the_same_product(rows, monkeypatch):
+    """The decoding form ``(W h^T)^T`` equals ``F.linear`` (float32 rounding), and is only taken without autograd."""
+    from zoo.blocks.head import VocabHead
+
+    monkeypatch.setattr(VocabHead, "fast_min_numel", 0)
+    torch.manual_seed(0)
+    head = VocabHead(48, 300)
+    h = torch.randn(rows, 1, 48)
+    taken = []
+    monkeypatch.setattr(torch, "mm", lambda *a, _mm=torch.mm: taken.append(1) or _mm(*a))
+    with torch.no_grad():
+        fast = head(h)
+    assert fast.shape == (rows, 1, 300) and fast.is_contiguous()
+    torch.testing.assert_close(fast, torch.nn.functional.linear(h, head.weight), atol=1e-5, rtol=1e-5)
+    assert bool(taken) == (2 <= rows <= VocabHead.fast_rows)
+    taken.clear()
+    head(h).sum().backward()  # training: plain F.linear, gradients as nn.Linear's
+    assert not taken and head.weight.grad is not None
+
+
+def test_decoding_with_the_fast_head_reproduces_full_forward(monkeypatch):
+    from zoo.blocks.head import VocabHead
+
+    monkeypatch.setattr(VocabHead, "fast_min_numel", 0)
+    model = make("mlp_gate")
+    prompt = ids(B=3, T=40)  # the full forward's 3 x 56 rows take F.linear, decoding's 3 the fast form
+    gen = model.generate(prompt, 16)
+    with torch.no_grad():
+        full = model(gen.tokens, execution="dense")
+    torch.testing.assert_close(gen.logits, full.logits[:, 39:55], atol=2e-5, rtol=0)
+    assert torch.equal(gen.depth, full.depth[:, 39:55])
+    assert_partial(gen.depth)

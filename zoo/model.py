@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from zoo.blocks.head import VocabHead
 from zoo.caches.base import CacheStrategy
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy
@@ -69,7 +70,7 @@ class RecurrentLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = layers
         self.final_norm = final_norm
-        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head = VocabHead(config.dim, config.vocab_size)
         if config.tied_embeddings:
             self.head.weight = self.embed.weight
         self.rotary = rotary

@@ -232,7 +232,9 @@ def run_passes(
         compute: the pass function (:func:`pass_compute` or a compiled twin).
         bucket: slot-count rounding for compiled passes (see :func:`select`).
         last_logits_only: return logits for the chunk's last position only, (B, 1, V), as
-            generation needs: the head then runs at the final pass for that position alone.
+            generation needs: a token stopping at an earlier pass keeps that pass's logits
+            (the head is not run again for it), and the last pass's head runs for that
+            position alone.
 
     Returns:
         the chunk's :class:`~zoo.recurrence.PassTrace` (logits of every chunk token).
@@ -260,8 +262,10 @@ def run_passes(
     # A token's output logits are those of the last pass it ran, written once, when it stops
     # (or at the last pass): a halted token's head never runs again. Without per-pass logits
     # (Loop, no logit-reading policy) or with ACT's mix, the head runs once at the end.
+    # With last_logits_only only the chunk's last position is kept (column 0 of the output).
     per_pass_logits = recurrence.uses_logits or policy.uses_logits
-    keep_logits = per_pass_logits and not policy.mixes_outputs and not last_logits_only
+    keep_logits = per_pass_logits and not policy.mixes_outputs
+    out_start = n - 1 if last_logits_only else 0  # chunk index of the output's column 0
     logits_out = None
 
     for i in range(P):
@@ -279,11 +283,12 @@ def run_passes(
         views = [BufferView(kv, sel, pos, start, kv_len) for kv in buffers]
         h_sel, hidden_sel = compute(model, x_sel, model.rotary(pos), views)
         sel.scatter_(hidden_out, hidden_sel)
-        logits_sel = model.head(hidden_sel) if per_pass_logits and (keep_logits or not last) else None
         if last:
             if keep_logits:
-                logits_out = _write_logits(logits_out, sel, logits_sel, sel.valid, (B, n))
+                wanted = sel.valid & (sel.index >= out_start)  # the last pass's head runs for these alone
+                logits_out = _write_logits(logits_out, sel, hidden_sel, wanted, (B, n - out_start), out_start, model.head)
             break
+        logits_sel = model.head(hidden_sel) if per_pass_logits else None
         mask_sel = sel.gather(mask) & sel.valid
         # No ids: per-pass auxiliary cross-entropy is a training (dense) quantity.
         ctx = PassContext(positions=pos, input_ids=None, step=step, passes=P)
@@ -296,7 +301,8 @@ def run_passes(
         if mixed is not None:
             sel.scatter_(mixed, sel.gather(mixed) + decision.weight[..., None].to(x.dtype) * hidden_sel)
         if keep_logits and freezes:
-            logits_out = _write_logits(logits_out, sel, logits_sel, sel.valid & ~next_sel, (B, n))
+            stops = sel.valid & ~next_sel & (sel.index >= out_start)
+            logits_out = _write_logits(logits_out, sel, logits_sel, stops, (B, n - out_start), out_start)
         # E^{i+1} = E^i + m^{i+1} s^i delta^i, the update computed only for tokens that go on.
         delta = _update_direction(recurrence, x_sel, h_sel, logits_sel, next_sel, model.embed.weight)
         sel.scatter_(x, x_sel + (next_sel.to(x.dtype) * decision.gate)[..., None] * delta)
@@ -312,26 +318,48 @@ def run_passes(
     aux = aux + final_aux
     hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
     if keep_logits:
-        logits = logits_out
+        logits = logits_out if logits_out is not None else x.new_zeros(B, n - out_start, model.config.vocab_size)
     else:
         logits = model.head(hidden[:, -1:] if last_logits_only else hidden)
     return PassTrace(logits, hidden, mask_stack, gates, aux)
 
 
-def _write_logits(out: Tensor | None, sel: Selection, logits: Tensor, which: Tensor, shape) -> Tensor:
-    """Writes the selected slots' logits (B', N, V) where ``which`` into ``out`` (B, n, V).
+def _write_logits(
+    out: Tensor | None,
+    sel: Selection,
+    values: Tensor,
+    which: Tensor,
+    shape: tuple[int, int],
+    out_start: int = 0,
+    head: Callable | None = None,
+) -> Tensor:
+    """Writes the selected slots' logits where ``which`` into ``out`` (B, n_out, V).
+
+    Args:
+        out: the output so far, or ``None`` before the first write.
+        sel: the pass's selection.
+        values: (B', N, V) logits, or (B', N, d) hidden states when ``head`` is given: the
+            head then runs for the ``which`` slots alone.
+        which: (B', N) slots to write.
+        shape: (B, n_out) of the output.
+        out_start: chunk index of the output's first column (``n - 1`` keeps the last position).
 
     A whole-chunk pass's logits become the output buffer itself (no copy): the entries of
     tokens that go on are overwritten when they stop, since every token stops exactly once.
     """
-    if out is None:
-        if sel.full:
+    if sel.full and out_start == 0:  # every slot has a column (a whole chunk, or one token)
+        logits = values if head is None else head(values)
+        if out is None:
             return logits
-        out = logits.new_zeros(*shape, logits.shape[-1])
-    out[sel.slot_rows()[which], sel.index[which]] = logits[which]
+        rows, cols = sel.slot_rows()[which], sel.index[which] - out_start
+        out[rows, cols] = logits[which]
+        return out
+    rows, cols = sel.slot_rows()[which], sel.index[which] - out_start
+    picked = values[which] if head is None else head(values[which])  # (k, V)
+    if out is None:
+        out = picked.new_zeros(*shape, picked.shape[-1])
+    out[rows, cols] = picked
     return out
-
-
 def _update_direction(recurrence, x: Tensor, h: Tensor, logits: Tensor | None, goes_on: Tensor, embed: Tensor) -> Tensor:
     """The recurrence's update direction (B', N, d) for the slots that run the next pass.
 
