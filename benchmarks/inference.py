@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    runners = {"prefill": bench_prefill, "decode": bench_decode, "generate": bench_generate, "head": bench_head}
+    runners = {
+        "prefill": bench_prefill, "decode": bench_decode, "generate": bench_generate, "head": bench_head
+    }
     for p in parts:
         results[p] = runners[p](args)
     out = args.out or RESULTS / f"inference-{args.device.split(':')[0]}.json"

@@ -50,7 +50,8 @@ def test_inference_benchmark_rejects_an_unknown_part() -> None:
 def test_dense_forward_benchmark_runs(tmp_path) -> None:
     out = tmp_path / "dense.json"
     result = load("dense_forward").main(
-        ["--preset", "pythia-tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+        ["--preset", "pythia-tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1"]
+        + ["--out", str(out)]
     )
     assert result["max_abs_logit_diff"] < 1e-4
     assert json.loads(out.read_text())["preset"] == "pythia-tiny"

@@ -183,7 +183,7 @@ def test_decode_cache_memory_formula():
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 32, 33])
 def test_vocab_head_fast_path_is_the_same_product(rows, monkeypatch):
-    """The decoding form ``(W h^T)^T`` equals ``F.linear`` (float32 rounding), and is only taken without autograd."""
+    """The decoding form ``(W h^T)^T`` equals ``F.linear`` (float32 rounding); never taken with autograd."""
     from zoo.blocks.head import VocabHead
 
     monkeypatch.setattr(VocabHead, "fast_min_numel", 0)

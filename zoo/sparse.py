@@ -286,7 +286,9 @@ def run_passes(
         if last:
             if keep_logits:
                 wanted = sel.valid & (sel.index >= out_start)  # the last pass's head runs for these alone
-                logits_out = _write_logits(logits_out, sel, hidden_sel, wanted, (B, n - out_start), out_start, model.head)
+                logits_out = _write_logits(
+                    logits_out, sel, hidden_sel, wanted, (B, n - out_start), out_start, model.head
+                )
             break
         logits_sel = model.head(hidden_sel) if per_pass_logits else None
         mask_sel = sel.gather(mask) & sel.valid
@@ -318,7 +320,9 @@ def run_passes(
     aux = aux + final_aux
     hidden = hidden_out if mixed is None else mixed + final_weight[..., None].to(x.dtype) * hidden_out
     if keep_logits:
-        logits = logits_out if logits_out is not None else x.new_zeros(B, n - out_start, model.config.vocab_size)
+        logits = logits_out
+        if logits is None:  # no row ran at all
+            logits = x.new_zeros(B, n - out_start, model.config.vocab_size)
     else:
         logits = model.head(hidden[:, -1:] if last_logits_only else hidden)
     return PassTrace(logits, hidden, mask_stack, gates, aux)
@@ -347,19 +351,19 @@ def _write_logits(
     A whole-chunk pass's logits become the output buffer itself (no copy): the entries of
     tokens that go on are overwritten when they stop, since every token stops exactly once.
     """
-    if sel.full and out_start == 0:  # every slot has a column (a whole chunk, or one token)
+    if sel.full and out_start == 0:  # every slot has a column: a whole chunk, or one token
         logits = values if head is None else head(values)
         if out is None:
             return logits
-        rows, cols = sel.slot_rows()[which], sel.index[which] - out_start
-        out[rows, cols] = logits[which]
-        return out
-    rows, cols = sel.slot_rows()[which], sel.index[which] - out_start
-    picked = values[which] if head is None else head(values[which])  # (k, V)
-    if out is None:
-        out = picked.new_zeros(*shape, picked.shape[-1])
-    out[rows, cols] = picked
+        picked = logits[which]
+    else:
+        picked = values[which] if head is None else head(values[which])  # (k, V)
+        if out is None:
+            out = picked.new_zeros(*shape, picked.shape[-1])
+    out[sel.slot_rows()[which], sel.index[which] - out_start] = picked
     return out
+
+
 def _update_direction(recurrence, x: Tensor, h: Tensor, logits: Tensor | None, goes_on: Tensor, embed: Tensor) -> Tensor:
     """The recurrence's update direction (B', N, d) for the slots that run the next pass.
 
