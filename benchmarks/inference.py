@@ -12,8 +12,9 @@ machine noise falls on all of them alike), each against its ideal:
   against the ideal from the decode steps' multiply-accumulates.
 * ``generate``: greedy generation with the plain ``pythia-{size}`` against transformers'
   ``GPTNeoXForCausalLM.generate`` on the same weights.
-* ``head``: the vocabulary head on the few rows of a decode step, :class:`zoo.blocks.VocabHead`
-  against ``F.linear`` (what ``nn.Linear`` runs) on the same weight.
+* ``head``: the products with the vocabulary matrices on the few rows of a decode step,
+  :class:`zoo.blocks.VocabHead` against ``F.linear`` (what ``nn.Linear`` runs) and
+  :func:`zoo.blocks.expected_embedding` against ``probs @ weight``, on the same weight.
 
 Weights are random (the timing does not depend on them; halting is set by the policy).
 
@@ -258,7 +259,7 @@ def bench_generate(args) -> list[dict]:
 def bench_head(args) -> list[dict]:
     import torch.nn.functional as F
 
-    from zoo.blocks import VocabHead
+    from zoo.blocks import VocabHead, expected_embedding
 
     rows_out = []
     dtype = getattr(torch, args.dtype)
@@ -266,23 +267,30 @@ def bench_head(args) -> list[dict]:
         config = zoo.preset(f"pythia-{size}")
         torch.manual_seed(0)
         head = VocabHead(config.dim, config.vocab_size).to(args.device, dtype)
+        weight = head.weight
         for rows in (1, 2, 8, 64):
             h = torch.randn(rows, 1, config.dim, device=args.device, dtype=dtype)
-            t = alternate(
-                {"VocabHead": lambda: head(h), "F.linear": lambda: F.linear(h, head.weight)},
-                max(args.repeats, 20),
-                args.device,
-            )
-            rows_out.append(
-                {
-                    "size": size,
-                    "rows": rows,
-                    "VocabHead ms": 1000 * t["VocabHead"],
-                    "F.linear ms": 1000 * t["F.linear"],
-                    "speed-up": t["F.linear"] / t["VocabHead"],
-                }
-            )
-    print_table("Vocabulary head on a decode step's rows (speed-up > 1: VocabHead faster)", rows_out)
+            probs = torch.softmax(torch.randn(rows, 1, config.vocab_size, device=args.device), -1).to(dtype)
+            pairs = {
+                "head": (lambda: head(h), lambda: F.linear(h, weight)),
+                "embedding": (lambda: expected_embedding(probs, weight), lambda: probs @ weight),
+            }
+            for product, (fast, plain) in pairs.items():
+                t = alternate({"zoo": fast, "plain": plain}, max(args.repeats, 20), args.device)
+                rows_out.append(
+                    {
+                        "size": size,
+                        "product": product,
+                        "rows": rows,
+                        "zoo ms": 1000 * t["zoo"],
+                        "plain ms": 1000 * t["plain"],
+                        "speed-up": t["plain"] / t["zoo"],
+                    }
+                )
+    print_table(
+        "Vocabulary products on a decode step's rows: zoo.blocks against the plain product (speed-up > 1: faster)",
+        rows_out,
+    )
     return rows_out
 
 

@@ -182,32 +182,49 @@ def test_decode_cache_memory_formula():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 32, 33])
-def test_vocab_head_fast_path_is_the_same_product(rows, monkeypatch):
-    """The decoding form ``(W h^T)^T`` equals ``F.linear`` (float32 rounding); never taken with autograd."""
-    from zoo.blocks.head import VocabHead
+def test_vocab_products_fast_forms_are_the_same_products(rows, monkeypatch):
+    """The decoding forms equal the plain products (float32 rounding); never taken with autograd."""
+    import zoo.blocks.head as vocab
 
-    monkeypatch.setattr(VocabHead, "fast_min_numel", 0)
+    monkeypatch.setattr(vocab, "FAST_MIN_NUMEL", 0)
     torch.manual_seed(0)
-    head = VocabHead(48, 300)
+    head = vocab.VocabHead(48, 320)
     h = torch.randn(rows, 1, 48)
-    taken = []
-    monkeypatch.setattr(torch, "mm", lambda *a, _mm=torch.mm: taken.append(1) or _mm(*a))
+    probs = torch.softmax(torch.randn(rows, 1, 320), -1)
+    calls = {"mm": 0, "bmm": 0}
+
+    def counted(name):
+        original = getattr(torch, name)
+
+        def call(*args):
+            calls[name] += 1
+            return original(*args)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(torch, name, counted(name))
     with torch.no_grad():
-        fast = head(h)
-    assert fast.shape == (rows, 1, 300) and fast.is_contiguous()
-    torch.testing.assert_close(fast, torch.nn.functional.linear(h, head.weight), atol=1e-5, rtol=1e-5)
-    assert bool(taken) == (2 <= rows <= VocabHead.fast_rows)
-    taken.clear()
+        logits, mixed = head(h), vocab.expected_embedding(probs, head.weight)
+    assert logits.shape == (rows, 1, 320) and logits.is_contiguous() and mixed.shape == (rows, 1, 48)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(h, head.weight), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, probs @ head.weight, atol=1e-6, rtol=1e-5)
+    assert calls == {"mm": int(2 <= rows <= vocab.FAST_ROWS), "bmm": int(rows <= vocab.FAST_ROWS)}
+    uneven_probs, uneven_weight = probs[..., :317], head.weight[:317]  # 317 does not split in 8
+    with torch.no_grad():
+        plain = uneven_probs @ uneven_weight
+        assert torch.equal(vocab.expected_embedding(uneven_probs, uneven_weight), plain)
+    assert calls["bmm"] == int(rows <= vocab.FAST_ROWS)
     head(h).sum().backward()  # training: plain F.linear, gradients as nn.Linear's
-    assert not taken and head.weight.grad is not None
+    assert calls["mm"] == int(2 <= rows <= vocab.FAST_ROWS) and head.weight.grad is not None
 
 
-def test_decoding_with_the_fast_head_reproduces_full_forward(monkeypatch):
-    from zoo.blocks.head import VocabHead
+def test_decoding_with_the_fast_vocab_products_reproduces_full_forward(monkeypatch):
+    import zoo.blocks.head as vocab
 
-    monkeypatch.setattr(VocabHead, "fast_min_numel", 0)
+    monkeypatch.setattr(vocab, "FAST_MIN_NUMEL", 0)
     model = make("mlp_gate")
-    prompt = ids(B=3, T=40)  # the full forward's 3 x 56 rows take F.linear, decoding's 3 the fast form
+    prompt = ids(B=3, T=40)  # the full forward (168 rows) takes the plain products, a step (3 rows) the fast
     gen = model.generate(prompt, 16)
     with torch.no_grad():
         full = model(gen.tokens, execution="dense")

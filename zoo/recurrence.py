@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from zoo.blocks.head import expected_embedding
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy, PassContext
 from zoo.registry import RECURRENCES
@@ -80,7 +81,7 @@ class Ponder(Recurrence):
 
     def delta(self, x: Tensor, hidden: Tensor, logits: Tensor | None, embed_weight: Tensor) -> Tensor:
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(embed_weight.dtype)  # (B, T, V)
-        return (probs @ embed_weight) * self.embed_scale  # (B, T, d)
+        return expected_embedding(probs, embed_weight) * self.embed_scale  # (B, T, d)
 
 
 @RECURRENCES.register("loop")
