@@ -8,4 +8,16 @@ from zoo.blocks.neox import NeoXLayer
 from zoo.blocks.norms import make_norm
 from zoo.blocks.rotary import Rotary, apply_rotary
 
-__all__ = ["Attention", "KVView", "GeluMLP", "SwiGLU", "VocabHead", "expected_embedding", "NeoXLayer", "LlamaLayer", "make_norm", "Rotary", "apply_rotary"]
+__all__ = [
+    "Attention",
+    "KVView",
+    "GeluMLP",
+    "SwiGLU",
+    "VocabHead",
+    "expected_embedding",
+    "NeoXLayer",
+    "LlamaLayer",
+    "make_norm",
+    "Rotary",
+    "apply_rotary",
+]
