@@ -192,17 +192,17 @@ def bench_decode(args) -> list[dict]:
                 variants[f"prefill {s}"] = lambda m=m: m(prompt)
             t = alternate(variants, args.repeats, args.device)
             decode = {s: t[f"gen {s}"] - t[f"prefill {s}"] for s in models}
-            measured, ideal = decode[0.5] / decode[0.0], work[0.5] / work[0.0]
             for s in models:
+                measured, ideal = decode[s] / decode[0.0], work[s] / work[0.0]
                 rows.append(
                     {
                         "size": size,
                         "B": B,
                         "halted": s,
                         "tok/s": B * M / decode[s],
-                        "measured": decode[s] / decode[0.0],
-                        "ideal": work[s] / work[0.0],
-                        "efficiency": (work[s] / work[0.0]) / (decode[s] / decode[0.0]),
+                        "measured": measured,
+                        "ideal": ideal,
+                        "efficiency": ideal / measured,
                     }
                 )
     print_table(f"Decoding, prompt {T}, {M} new tokens (decode time = generate - prefill)", rows)

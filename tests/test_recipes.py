@@ -6,6 +6,7 @@ use subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +52,9 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run_to_end(command: list[str], timeout: float) -> tuple[int, str]:
-    """Runs ``command`` in its own process group; on timeout the whole group is killed."""
+@contextlib.contextmanager
+def spawned(command: list[str]) -> Iterator[subprocess.Popen]:
+    """``command`` running in its own process group, which is killed if it outlives the block."""
     process = subprocess.Popen(
         command,
         env=subprocess_env(),
@@ -61,11 +64,17 @@ def run_to_end(command: list[str], timeout: float) -> tuple[int, str]:
         start_new_session=True,
     )
     try:
-        _, err = process.communicate(timeout=timeout)
+        yield process
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def run_to_end(command: list[str], timeout: float) -> tuple[int, str]:
+    """Runs ``command`` in its own process group; on timeout the whole group is killed."""
+    with spawned(command) as process:
+        _, err = process.communicate(timeout=timeout)
     return process.returncode, err
 
 
@@ -211,24 +220,12 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
         "0",
         *SMALL,
     ]
-    process = subprocess.Popen(
-        command,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with spawned(command) as process:
         deadline = time.time() + 120
         while len(read_metrics(out)) < 3 and time.time() < deadline:
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         said, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     assert process.returncode == 143, err[-2000:]
     steps = len(read_metrics(out))
     assert steps >= 3 and latest_checkpoint(out).name == f"step-{steps:06d}"

@@ -272,12 +272,7 @@ def plot_token_depth(
     bar = fig.colorbar(image, ax=ax, ticks=range(1, passes + 1), fraction=0.02, pad=0.01)
     bar.set_label("passes")
     ax.set_title(title or "passes run per token")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_depth_vs_nll(report: EvalReport, path: str | os.PathLike, title: str = "") -> Path:
@@ -304,6 +299,13 @@ def plot_depth_vs_nll(report: EvalReport, path: str | os.PathLike, title: str = 
     ax.set_xlabel("passes run (depth)")
     ax.set_ylabel("mean NLL (nats / token)")
     ax.set_title(title or "NLL by depth")
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    """Writes ``fig`` (laid out tight) as a PNG at ``path``, creating its folder, and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
