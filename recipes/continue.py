@@ -40,6 +40,7 @@ from zoo.train import (
     train,
     write_run_info,
 )
+from zoo.registry import add_plugin_option, import_plugins
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="FSDP2 instead of DDP (default: on CUDA from 1B parameters)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_plugin_option(p)
     return p.parse_args(argv)
 
 
@@ -190,6 +192,7 @@ def run_stage(args, stage: int, model, data, val, ctx) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Runs both stages and evaluates; returns the exit status."""
     args = parse_args(argv)
+    import_plugins(args.plugin)  # parts defined outside the library register now
     ctx = init_distributed(args.device)
     try:
         tokenizer_spec = args.tokenizer or (

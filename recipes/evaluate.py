@@ -35,6 +35,7 @@ from zoo.analysis import (
 )
 from zoo.data import load_corpus, load_tokenizer
 from zoo.train import load_trained
+from zoo.registry import add_plugin_option, import_plugins
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples")
     p.add_argument("--limit", type=float, default=None, help="lm-eval examples per task (or a fraction)")
     p.add_argument("--device", default="cpu", help="where to run (cpu, cuda)")
+    add_plugin_option(p)
     return p.parse_args(argv)
 
 
@@ -186,6 +188,7 @@ def run_tasks(args, model, tokenizer, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation; returns the exit status."""
     args = parse_args(argv)
+    import_plugins(args.plugin)  # parts defined outside the library register now
     model, tokenizer, seq_len = open_model(args)
     out = Path(args.out or Path(args.model) / "eval")
     out.mkdir(parents=True, exist_ok=True)

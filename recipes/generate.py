@@ -25,6 +25,7 @@ import torch
 from zoo.analysis import format_depth_text
 from zoo.data import load_tokenizer
 from zoo.train import load_trained
+from zoo.registry import add_plugin_option, import_plugins
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="also write tokens, texts and depths to this JSON file")
     p.add_argument("--device", default="cpu", help="where to run (cpu, cuda)")
+    add_plugin_option(p)
     return p.parse_args(argv)
 
 
@@ -122,6 +124,7 @@ def generate(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Generates and prints; returns the exit status."""
     args = parse_args(argv)
+    import_plugins(args.plugin)  # parts defined outside the library register now
     result = generate(args)
     style = args.style or ("color" if sys.stdout.isatty() else "aligned")
     print(result["prompt"] + "|")

@@ -42,6 +42,7 @@ from zoo.train import (
     train,
     write_run_info,
 )
+from zoo.registry import add_plugin_option, import_plugins
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_plugin_option(p)
     return p.parse_args(argv)
 
 
@@ -201,6 +203,7 @@ def final_evaluation(args: argparse.Namespace, cfg: TrainConfig, val, device) ->
 def main(argv: list[str] | None = None) -> int:
     """Trains (one process or one of many); returns the exit status."""
     args = parse_args(argv)
+    import_plugins(args.plugin)  # parts defined outside the library register now
     setting = SETTINGS[size_of(args.model)]
     if args.threads:
         torch.set_num_threads(args.threads)

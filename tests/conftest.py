@@ -1,4 +1,5 @@
-"""Shared test helpers: small random reference models written to disk.
+"""Shared test helpers: tiny zoo models, settings under which policies halt, and small
+random reference models written to disk.
 
 transformers is imported inside the fixtures, so test files that do not use them do not
 pay for the import.
@@ -44,6 +45,39 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn
 def randomize() -> Callable[..., torch.nn.Module]:
     """The :func:`randomize_` helper, for tests that randomise a model of their own."""
     return randomize_
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Any]:
+    """Factory: :func:`zoo.testing.tiny_model` (``ponder-pythia-tiny`` with the given parts,
+    its head sharpened so that confidence-based policies halt some tokens). Session-scoped:
+    it holds no state, so hypothesis tests may use it too."""
+    from zoo.testing import tiny_model
+
+    return tiny_model
+
+
+@pytest.fixture
+def halting_settings() -> dict[str, dict[str, Any]]:
+    """Policy name -> keyword arguments under which it halts a good share of a tiny model's
+    tokens (:data:`zoo.testing.HALTING_EXAMPLES`; a copy, so tests may change it)."""
+    from zoo.testing import HALTING_EXAMPLES
+
+    return {name: dict(kwargs) for name, kwargs in HALTING_EXAMPLES.items()}
+
+
+@pytest.fixture
+def plain_halting_settings() -> dict[str, dict[str, Any]]:
+    """Policy name -> keyword arguments under which it halts some tokens and not others of a
+    tiny model as initialised (``tiny_model(..., sharpen=1.0)``), whose logits stay near 1:
+    tests that compare logits to float32 rounding in absolute terms use these."""
+    return {
+        "none": {},
+        "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
+        "fixed_prune": {"ratio": 0.4},
+        "act": {"bias_init": 0.0},
+        "early_exit": {"measure": "margin", "threshold": 0.001},
+    }
 
 
 @pytest.fixture

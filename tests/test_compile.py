@@ -7,14 +7,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import zoo
-
-PARTIAL = {
-    "none": {},
-    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
-    "fixed_prune": {"ratio": 0.4},
-    "act": {"bias_init": 0.0},
-    "early_exit": {"measure": "margin", "threshold": 0.001, "aux_weight": 0.5},
-}
+from zoo.compile import BUCKET
+from zoo.recurrence import run_dense, stack_pass
 
 
 @pytest.fixture(autouse=True)
@@ -24,21 +18,42 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def make(policy: str, cache: str = "kv_reuse"):
-    torch.manual_seed(0)
-    return zoo.build("ponder-pythia-tiny", halting=policy, halting_kwargs=PARTIAL[policy], cache=cache)
+@pytest.fixture
+def make(tiny_model, plain_halting_settings):
+    """Factory: a tiny model whose policy halts some tokens (early_exit with its per-pass loss)."""
+    settings = {**plain_halting_settings}
+    settings["early_exit"] = {**settings["early_exit"], "aux_weight": 0.5}
+
+    def build(policy: str, cache: str = "kv_reuse"):
+        return tiny_model(policy, settings[policy], cache=cache, sharpen=1.0)
+
+    return build
 
 
-@pytest.mark.parametrize("policy", sorted(PARTIAL))
-def test_dense_forward_has_no_graph_breaks(policy):
-    model = make(policy)
+@pytest.mark.parametrize(
+    "policy, cache",
+    [(policy, "kv_reuse") for policy in ("act", "early_exit", "fixed_prune", "mlp_gate", "none")]
+    + [("mlp_gate", cache) for cache in ("kv_share", "recompute", "recursion_wise")],
+)
+def test_dense_forward_has_no_graph_breaks(policy, cache, make):
+    model = make(policy, cache)
     ids = torch.randint(0, 512, (2, 24))
-    explanation = torch._dynamo.explain(model.dense_forward)(ids, torch.tensor(5))
+    explanation = torch._dynamo.explain(run_dense)(model, ids, torch.tensor(5))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
-def test_compiled_equals_eager_forward_and_backward():
+def test_compile_swaps_the_models_functions_and_uncompile_swaps_them_back(make):
+    model = make("mlp_gate")
+    assert (model.dense_fn, model.pass_fn, model.slot_bucket) == (run_dense, stack_pass, None)
+    zoo.compile(model, backend="eager")
+    assert model.dense_fn is not run_dense and model.pass_fn is not stack_pass
+    assert model.slot_bucket == BUCKET == 64
+    zoo.uncompile(model)
+    assert (model.dense_fn, model.pass_fn, model.slot_bucket) == (run_dense, stack_pass, None)
+
+
+def test_compiled_equals_eager_forward_and_backward(make):
     eager = make("mlp_gate")
     compiled = zoo.compile(make("mlp_gate"))
     ids = torch.randint(0, 512, (2, 32))
@@ -55,9 +70,10 @@ def test_compiled_equals_eager_forward_and_backward():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_compiled_decoding_equals_eager():
-    eager = make("mlp_gate").eval()
-    compiled = zoo.compile(make("mlp_gate")).eval()
+@pytest.mark.parametrize("cache", ["kv_reuse", "kv_share", "recursion_wise"])
+def test_compiled_decoding_equals_eager(cache, make):
+    eager = make("mlp_gate", cache).eval()
+    compiled = zoo.compile(make("mlp_gate", cache)).eval()
     prompt = torch.randint(0, 512, (3, 10))
     a = eager.generate(prompt, 12)
     b = compiled.generate(prompt, 12)
@@ -70,7 +86,7 @@ def test_compiled_decoding_equals_eager():
         )
 
 
-def test_decode_step_compiles_once():
+def test_decode_step_compiles_once(make):
     """Prefill compiles two frames (the fresh first pass, later passes); all decode steps share one."""
     counts = {}
     for steps in (2, 21):
@@ -83,7 +99,7 @@ def test_decode_step_compiles_once():
     assert counts[2] == counts[21] == 3, counts
 
 
-def test_sparse_prefill_recompiles_bounded_by_buckets():
+def test_sparse_prefill_recompiles_bounded_by_buckets(make):
     counter = CompileCounter()
     model = zoo.compile(make("fixed_prune"), backend=counter).eval()
     with torch.no_grad():

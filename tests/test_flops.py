@@ -37,6 +37,32 @@ def test_mlp_gate_sparse_hand_count():
     assert count.layers == 1728 + 368 + 576 + 4608
 
 
+def test_recursion_wise_attends_only_running_keys():
+    config = small(halting="mlp_gate", halting_kwargs={"hidden_mult": 1}, cache="recursion_wise")
+    count = flops.count(config, DEPTH, execution="sparse")
+    reuse = flops.count(config.replace(cache="kv_reuse"), DEPTH, execution="sparse")
+    # running keys up to each running query: pass 0: 1+2+3+4 = 10; pass 1 (positions 0, 2, 3):
+    # 1+2+3 = 6; pass 2 (positions 0, 3): 1+2 = 3
+    assert count.attention == (10 + 6 + 3) * 16
+    assert count.attention < reuse.attention == (10 + 8 + 5) * 16
+    assert count.total - count.attention == reuse.total - reuse.attention
+    # dense execution computes every token at every pass: causal attention over all of them
+    dense = flops.count(config, DEPTH, execution="dense")
+    assert dense.attention == 3 * 10 * 16
+
+
+def test_kv_share_projects_keys_and_values_at_the_first_pass_only():
+    config = small(halting="mlp_gate", halting_kwargs={"hidden_mult": 1}, cache="kv_share")
+    count = flops.count(config, DEPTH, execution="sparse")
+    # queries: d * H * D = 64 per token that runs a pass (9); keys and values:
+    # d * 2 * H_kv * D = 128 per token of pass 0 (4)
+    assert count.qkv == 9 * 64 + 4 * 128
+    reuse = flops.count(config.replace(cache="kv_reuse"), DEPTH, execution="sparse")
+    assert count.attention == reuse.attention and count.qkv < reuse.qkv == 9 * 192
+    dense = flops.count(config, DEPTH, execution="dense")
+    assert dense.qkv == 12 * 64 + 4 * 128
+
+
 def test_dense_counts_every_token_at_every_pass():
     config = small(halting="mlp_gate", halting_kwargs={"hidden_mult": 1})
     dense = flops.count(config, DEPTH, execution="dense")
@@ -116,7 +142,8 @@ def test_pythia_70m_layer_count_is_twelve_d_squared_per_token():
     ],
 )
 @pytest.mark.parametrize("block", ["neox", "llama"])
-def test_dense_count_matches_torch_flop_counter(recurrence, halting, block):
+@pytest.mark.parametrize("cache", ["recompute", "kv_share", "recursion_wise"])
+def test_dense_count_matches_torch_flop_counter(recurrence, halting, block, cache):
     extra = dict(rotary_fraction=1.0, num_kv_heads=2) if block == "llama" else {}
     model = zoo.build(
         "ponder-pythia-tiny",
@@ -124,6 +151,7 @@ def test_dense_count_matches_torch_flop_counter(recurrence, halting, block):
         passes=1 if recurrence == "none" else 3,
         halting=halting,
         block=block,
+        cache=cache,
         **extra,
     )
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

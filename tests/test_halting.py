@@ -1,8 +1,9 @@
 """The four halting policies against hand computations, one behaviour at a time.
 
-Policies are driven directly (their ``step``/``finish`` on hand-made tensors) where a rule
-is checked, and through a tiny model where the wiring is. The hypothesis-driven
-invariants shared by every policy live in ``test_properties.py``.
+Policies are driven on hand-made tensors (``zoo.testing.run_policy``: their ``step`` and
+``finish`` with the driver's bookkeeping) where a rule is checked, and through a tiny model
+where the wiring is. The invariants shared by every policy (``zoo.testing.check_policy``)
+live in ``test_properties.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from zoo.halting.fixed_prune import (
     uniform_hash,
 )
 from zoo.halting.mlp_gate import MLPGate, bottom_k_mean
+from zoo.recurrence import run_dense
+from zoo.testing import run_policy
 
 VOCAB = 512  # the tiny presets' vocabulary
 
@@ -87,15 +90,18 @@ def test_mlp_gate_init_is_truncated_normal_with_open_bias():
 def test_mlp_gate_step_matches_hand_rule():
     policy = MLPGate(config(passes=3), threshold=0.5)
     policy.reset_parameters()
-    hidden = torch.randn(2, 5, 8) * 3
+    hidden = [torch.randn(2, 5, 8) * 3 for _ in range(2)]
     mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)
-    decision = policy.step(1, hidden, None, mask, {}, ctx_for(2, 5, passes=3))
-    first, _, last = policy.gates[1]
-    score = torch.sigmoid(last(F.gelu(first(hidden)))).squeeze(-1)
-    assert torch.allclose(decision.gate, torch.where(mask, score, torch.ones_like(score)), atol=1e-6)
-    assert torch.equal(decision.mask, mask & (score >= 0.5))
-    assert not bool((decision.mask & ~mask).any())  # a halted token never comes back
-    assert decision.aux_loss.item() == 0.0
+    score = [torch.sigmoid(gate[2](F.gelu(gate[0](h)))).squeeze(-1) for gate, h in zip(policy.gates, hidden)]
+    decision = policy.step(1, hidden[1], None, mask, {}, ctx_for(2, 5, passes=3))
+    assert torch.allclose(decision.gate, score[1], atol=1e-6) and torch.equal(decision.mask, score[1] >= 0.5)
+    assert decision.aux_loss is None
+    # Through the driver: m^{i+1} = m^i & (s^i >= tau), and gate 1 where the token did not run.
+    result = run_policy(policy, hidden, mask=mask)
+    m1 = mask & (score[0] >= 0.5)
+    assert torch.equal(result.masks[1], m1) and torch.equal(result.masks[2], m1 & (score[1] >= 0.5))
+    for i, m in enumerate(result.masks[:-1]):
+        assert torch.allclose(result.gates[i], torch.where(m, score[i], torch.ones_like(score[i])), atol=1e-6)
 
 
 def test_mlp_gate_schedule():
@@ -258,25 +264,6 @@ def act_with_probabilities(probabilities: list[list[float]], epsilon: float = 0.
     return policy
 
 
-def drive(policy, hidden_per_pass, mask=None, logits=None, input_ids=None):
-    """Runs a policy's decisions over given per-pass hidden states, as the dense driver does."""
-    B, T = hidden_per_pass[0].shape[:2]
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask
-    ctx = ctx_for(B, T, input_ids=input_ids, passes=policy.passes)
-    state = policy.init_state(mask)
-    masks, gates, weights, aux = [mask], [], [], torch.zeros(())
-    for i in range(policy.passes - 1):
-        d = policy.step(i, hidden_per_pass[i], None if logits is None else logits[i], mask, state, ctx)
-        state = d.state if d.state is not None else state
-        mask = d.mask
-        masks.append(mask)
-        gates.append(d.gate)
-        weights.append(d.weight)
-        aux = aux + d.aux_loss
-    final_weight, final_aux = policy.finish(torch.stack(gates), torch.stack(masks), state, ctx)
-    return torch.stack(masks), weights + [final_weight], aux + final_aux
-
-
 def test_act_matches_hand_computation():
     # token 0: 0.3, 0.5, 0.4 -> cumulative 0.3, 0.8, 1.2 >= 0.99 at pass 2: weights .3 .5 .2, depth 3
     # token 1: 0.995 -> halts at pass 0 with R = 1, depth 1
@@ -285,8 +272,9 @@ def test_act_matches_hand_computation():
     probabilities = [[0.3, 0.995, 0.1, 0.5], [0.5, 0.2, 0.1, 0.49], [0.4, 0.2, 0.1, 0.3]]
     policy = act_with_probabilities(probabilities, epsilon=0.01, tau=0.1)
     hidden = torch.eye(8)[:4][None]  # (1, 4, 8): token j is one-hot j
-    masks, weights, aux = drive(policy, [hidden] * 3)
-    w = torch.stack(weights)[:, 0]  # (P, T)
+    result = run_policy(policy, [hidden] * 3)
+    masks, aux = result.masks, result.aux_loss
+    w = result.weights[:, 0]  # (P, T)
     expected = torch.tensor(
         [[0.3, 1.0, 0.1, 0.5], [0.5, 0.0, 0.1, 0.5], [0.2, 0.0, 0.1, 0.0], [0.0, 0.0, 0.7, 0.0]]
     )
@@ -372,8 +360,11 @@ def test_early_exit_decision_rule(measure, threshold, sure_exits):
     )
     mask = torch.tensor([[True, True, False]])
     d = policy.step(0, torch.zeros(1, 3, 4), logits, mask, {}, ctx_for(1, 3, passes=3))
-    assert d.mask[0].tolist() == [not sure_exits, True, False]  # a halted token never resumes
-    assert bool((d.gate == 1).all()) and d.aux_loss.item() == 0.0
+    assert d.mask[0].tolist()[:2] == [not sure_exits, True]
+    assert d.gate is None and d.aux_loss is None
+    result = run_policy(policy, [torch.zeros(1, 3, 4)] * 2, [logits] * 2, mask=mask)
+    assert result.masks[1, 0].tolist() == [not sure_exits, True, False]  # a halted token never resumes
+    assert bool((result.gates == 1).all()) and result.aux_loss.item() == 0.0
 
 
 def test_early_exit_aux_cross_entropy_matches_reference():
@@ -404,7 +395,7 @@ def test_early_exit_aux_cross_entropy_matches_reference():
     assert total.item() == pytest.approx(0.4 * reference / (P - 1), rel=1e-5)
     # without ids (sparse execution, decoding) there is no target and no term
     d = policy.step(0, torch.zeros(B, T, 4), logits[0], mask, {}, ctx_for(B, T, passes=P))
-    assert d.aux_loss.item() == 0.0
+    assert d.aux_loss is None
     with pytest.raises(ValueError, match="aligned"):
         policy.step(
             0, torch.zeros(B, T, 4), logits[0], mask, {}, ctx_for(B, T, input_ids=input_ids[:, :3], passes=P)
@@ -465,18 +456,8 @@ def test_policy_compiles_without_breaks_or_recompiles_across_steps(name, kwargs)
     logits = [torch.randn(B, T, V) for _ in range(2)]
 
     def run(step):
-        mask = torch.ones(B, T, dtype=torch.bool)
-        ctx = PassContext(torch.arange(T).expand(B, T), None, step, 3)
-        state, masks, gates, aux = policy.init_state(mask), [mask], [], torch.zeros(())
-        for i in range(2):
-            d = policy.step(i, hidden[i], logits[i], mask, state, ctx)
-            state = d.state if d.state is not None else state
-            mask = d.mask
-            masks.append(mask)
-            gates.append(d.gate)
-            aux = aux + d.aux_loss
-        _, final = policy.finish(torch.stack(gates), torch.stack(masks), state, ctx)
-        return torch.stack(masks), aux + final
+        result = run_policy(policy, hidden, logits, step=step)
+        return result.masks, result.aux_loss
 
     counter = CompileCounter()
     compiled = torch.compile(run, backend=counter, fullgraph=True)  # fullgraph: a break raises
@@ -503,10 +484,10 @@ def test_dense_model_with_policy_compiles_once_across_steps(name, kwargs):
     torch._dynamo.reset()
     model = tiny(name, passes=2, **kwargs)  # one decision: the smallest graph that has them all
     counter = CompileCounter()
-    compiled = torch.compile(model.dense_forward, backend=counter, fullgraph=True)
+    compiled = torch.compile(run_dense, backend=counter, fullgraph=True)
     x = ids()
     for step in (0, 3, 100):
-        traced, eager = compiled(x, torch.tensor(step)), model.dense_forward(x, torch.tensor(step))
+        traced, eager = compiled(model, x, torch.tensor(step)), run_dense(model, x, torch.tensor(step))
         assert torch.allclose(traced.logits, eager.logits, atol=1e-5)
         assert torch.equal(traced.masks, eager.masks) and torch.allclose(traced.aux_loss, eager.aux_loss)
     assert counter.frame_count == 1
@@ -514,7 +495,18 @@ def test_dense_model_with_policy_compiles_once_across_steps(name, kwargs):
 
 @pytest.mark.parametrize(
     "module",
-    ["zoo.halting.mlp_gate", "zoo.halting.fixed_prune", "zoo.halting.act", "zoo.halting.early_exit", "zoo.flops"],
+    [
+        "zoo.halting.base",
+        "zoo.halting.mlp_gate",
+        "zoo.halting.fixed_prune",
+        "zoo.halting.act",
+        "zoo.halting.early_exit",
+        "zoo.flops",
+        "zoo.registry",
+        "zoo.testing.strategies",
+        "zoo.testing.drive",
+        "zoo.testing.checks",
+    ],
 )
 def test_docstring_examples_run(module):
     import doctest

@@ -1,13 +1,12 @@
-"""Invariants of the pondering core, over random inputs, seeds and policy settings.
+"""Invariants of the pondering core, through the public kit (``zoo.testing``) and by hand.
 
-Every policy is run with settings that make tokens really halt (the plain test
-``test_settings_halt_some_tokens`` keeps that true), so the properties are not vacuous:
-
-* masks are monotone, ``depth == 1 + active pondering passes``, ``1 <= depth <= P``;
-* decisions are causal: later tokens change nothing at earlier positions;
-* a batch gives each row's numbers;
-* with ``kv_reuse`` a halted token's logits are those of its halting pass;
-* ``kv_reuse`` equals ``recompute`` when nothing halts;
+* every registered halting policy and cache strategy passes ``check_policy`` /
+  ``check_cache`` (deterministic, monotone masks, depth bounds, causal, row-independent,
+  dense == sparse == decoding, finite gradients), under settings where tokens really halt;
+* the kit fails a policy or a cache that breaks a property, naming the property;
+* the driver makes any policy's masks monotone and keeps the state of tokens that did not run;
+* with ``kv_reuse`` a halted token's logits are those of its halting pass, and ``kv_reuse``
+  and ``recursion_wise`` equal ``recompute`` when nothing halts;
 * a policy decides per token, whatever layout its tokens come in;
 * ACT's weights sum to one; the bottom-k loss equals a sorted reference; fixed pruning
   halts its scheduled fraction;
@@ -27,72 +26,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
-from zoo.halting.base import PassContext
+from zoo.caches.base import KVView
+from zoo.caches.buffers import PassBuffers
+from zoo.caches.kv_reuse import KVReuse
+from zoo.caches.recompute import Fresh
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.halting.fixed_prune import SCHEDULES, halt_fractions
-from zoo.registry import HALTING
+from zoo.registry import CACHES, HALTING, REGISTRIES
+from zoo.testing import (
+    PROPERTIES,
+    check_cache,
+    check_policy,
+    configs,
+    halting_kwargs,
+    monotone_masks,
+    run_policy,
+    token_batches,
+)
 
 VOCAB = 512
-# Model-level properties run per policy (pytest parameter), so each policy gets its own search.
 PROPERTY = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 UNIT = settings(max_examples=25, deadline=None)
-
-# Settings under which each policy halts a good share of tokens of the model built by
-# ``make`` (its head is scaled up so that next-token distributions range from flat to peaked).
-KWARGS = {
-    "none": st.just({}),
-    "mlp_gate": st.fixed_dictionaries(
-        {
-            "threshold": st.floats(0.35, 0.65),
-            "bias_init": st.floats(-0.5, 0.5),
-            "hidden_mult": st.sampled_from([1, 4]),
-        }
-    ),
-    "fixed_prune": st.fixed_dictionaries(
-        {"ratio": st.floats(0.1, 0.6), "schedule": st.sampled_from(SCHEDULES), "seed": st.integers(0, 2**40)}
-    ),
-    "act": st.fixed_dictionaries({"bias_init": st.floats(-1.5, 0.0), "epsilon": st.floats(0.001, 0.2)}),
-    "early_exit": st.one_of(
-        st.fixed_dictionaries({"measure": st.just("max_prob"), "threshold": st.floats(0.6, 0.99)}),
-        st.fixed_dictionaries({"measure": st.just("margin"), "threshold": st.floats(0.4, 0.95)}),
-        st.fixed_dictionaries({"measure": st.just("entropy"), "threshold": st.floats(0.05, 1.0)}),
-    ),
-}
-MIDDLE = {
-    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
-    "fixed_prune": {"ratio": 0.3},
-    "act": {"bias_init": -0.5},
-    "early_exit": {"measure": "max_prob", "threshold": 0.9},
-}
-NON_MIXING = ["none", "mlp_gate", "fixed_prune", "early_exit"]
-
-
-ALL = list(KWARGS)
-
-
-def make(
-    halting: str,
-    kwargs: dict,
-    cache: str = "kv_reuse",
-    recurrence: str = "ponder",
-    passes: int = 4,
-    seed: int = 0,
-    block: str = "neox",
-    sharpen: float = 20.0,
-) -> zoo.RecurrentLM:
-    torch.manual_seed(seed)
-    extra = dict(block="llama", rotary_fraction=1.0, num_kv_heads=2) if block == "llama" else {}
-    model = zoo.build(
-        "ponder-pythia-tiny",
-        recurrence=recurrence,
-        passes=passes,
-        halting=halting,
-        halting_kwargs=kwargs,
-        cache=cache,
-        **extra,
-    )
-    with torch.no_grad():
-        model.head.weight.mul_(sharpen)
-    return model
+BUILT_IN_POLICIES = ["none", "mlp_gate", "fixed_prune", "act", "early_exit"]
+BUILT_IN_CACHES = ["kv_reuse", "kv_share", "recompute", "recursion_wise"]
 
 
 def random_ids(seed: int, B: int, T: int) -> torch.Tensor:
@@ -109,91 +65,225 @@ def run(model, ids):
     return model(ids, execution="dense")
 
 
-@pytest.mark.parametrize("halting", list(MIDDLE))
-def test_settings_halt_some_tokens(halting):
-    out = run(make(halting, MIDDLE[halting]), random_ids(0, 4, 32))
+@pytest.mark.parametrize("halting", BUILT_IN_POLICIES[1:])
+def test_settings_halt_some_tokens(halting, tiny_model, halting_settings):
+    out = run(tiny_model(halting, halting_settings[halting]), random_ids(0, 4, 32))
     mean = out.depth.float().mean().item()
     assert 1.2 < mean < 3.8, f"{halting} gives mean depth {mean}: the properties would be vacuous"
 
 
-# Masks and depth --------------------------------------------------------------------------
+# The kit on every registered part ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("halting", ALL)
-@PROPERTY
-@given(
-    data=st.data(),
-    cache=st.sampled_from(["kv_reuse", "recompute"]),
-    recurrence=st.sampled_from(["ponder", "loop"]),
-    passes=st.integers(2, 5),
-    seed=st.integers(0, 2**16),
+@pytest.mark.parametrize("halting", BUILT_IN_POLICIES)
+def test_every_policy_passes_the_kit(halting):
+    report = check_policy(halting, examples=12)
+    assert report.cases == 12
+    if halting != "none":  # the drawn settings halt tokens: the properties are not vacuous
+        assert report.halted_share > 0.05, report
+
+
+@pytest.mark.parametrize("cache", BUILT_IN_CACHES)
+def test_every_cache_passes_the_kit(cache):
+    report = check_cache(cache, examples=12)
+    assert report.cases == 12 and report.halted_share > 0.05, report
+
+
+def test_the_kit_covers_every_registered_part():
+    assert set(zoo.available("halting")) >= set(BUILT_IN_POLICIES)
+    assert set(zoo.available("cache")) == set(BUILT_IN_CACHES)  # a new cache gets the kit here
+
+
+def test_the_kit_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown halting 'mlp-gate'"):
+        check_policy("mlp-gate")
+    with pytest.raises(ValueError, match="unknown cache 'kv-reuse'"):
+        check_cache("kv-reuse")
+    with pytest.raises(ValueError, match="no built-in settings"):
+        halting_kwargs("kl_divergence")
+
+
+# The kit catches what is broken ---------------------------------------------------------------
+
+
+class _TopHalf(HaltingPolicy):
+    """Looks at the whole sequence: a token halts when it is below its row's median."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        score = hidden[..., 0]
+        return HaltStep(mask=score >= score.median(dim=-1, keepdim=True).values)
+
+
+class _BatchMean(HaltingPolicy):
+    """Looks at the other rows: a token halts below the batch mean at its position."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        score = hidden[..., 0]
+        return HaltStep(mask=score >= score.mean(0, keepdim=True))
+
+
+class _Coin(HaltingPolicy):
+    """Halts at random (no seed)."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        return HaltStep(mask=torch.rand(mask.shape) < 0.5)
+
+
+class _FirstHalf(HaltingPolicy):
+    """Reads the layout's width as if it were the sequence length."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        return HaltStep(mask=ctx.positions < ctx.positions.shape[1] // 2)
+
+
+class _Infinite(HaltingPolicy):
+    """A gate that overflows."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        return HaltStep(mask=torch.ones_like(mask), gate=torch.full(mask.shape, float("inf")))
+
+
+class _Flicker(HaltingPolicy):
+    """Turns halted tokens back on (every other pass, every other position)."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        return HaltStep(mask=(ctx.positions + index) % 2 == 0)
+
+
+@pytest.fixture
+def registered():
+    """Registers test parts for one test and removes them after it."""
+    saved = {kind: dict(reg._entries) for kind, reg in REGISTRIES.items()}
+    yield
+    for kind, reg in REGISTRIES.items():
+        reg._entries.clear()
+        reg._entries.update(saved[kind])
+
+
+@pytest.mark.parametrize(
+    "policy, prop",
+    [
+        (_TopHalf, "causal"),
+        (_BatchMean, "row-independent"),
+        (_Coin, "deterministic"),
+        (_FirstHalf, "decoding == full forward|dense == sparse"),
+        (_Infinite, "gradients finite"),
+    ],
 )
-def test_masks_are_monotone_and_depth_counts_passes(halting, data, cache, recurrence, passes, seed):
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
-    out = run(make(halting, kwargs, cache, recurrence, passes, seed), random_ids(seed, 2, 12))
-    masks = out.masks
-    assert masks.shape == (passes, 2, 12) and out.gates.shape == (passes - 1, 2, 12)
-    assert bool(masks[0].all())
-    assert not bool((masks[1:] & ~masks[:-1]).any())  # never halted -> active
-    assert torch.equal(out.depth, masks.sum(0))
-    assert torch.equal(out.depth, 1 + masks[1:].sum(0))
-    assert bool(((out.depth >= 1) & (out.depth <= passes)).all())
-    assert bool(torch.isfinite(out.logits).all()) and bool(torch.isfinite(out.aux_loss))
+def test_the_kit_names_the_property_a_policy_breaks(policy, prop, registered):
+    HALTING.add("broken", policy)
+    with pytest.raises(AssertionError, match=rf"property '({prop})' fails for halting 'broken'"):
+        check_policy("broken", examples=10)
 
 
-# Causality and batching -------------------------------------------------------------------
+def test_a_policy_that_resumes_tokens_is_made_monotone(registered):
+    """The driver ANDs the incoming mask: dense, sparse and decoding agree."""
+    HALTING.add("flicker", _Flicker)
+    report = check_policy("flicker", examples=8)
+    assert report.halted_share > 0.2
 
 
-@pytest.mark.parametrize("halting", ALL)
-@PROPERTY
-@given(
-    data=st.data(),
-    cache=st.sampled_from(["kv_reuse", "recompute"]),
-    cut=st.integers(0, 14),
-    seed=st.integers(0, 2**16),
+class _NoCarry(KVReuse):
+    """kv_reuse whose decode store forgets to carry halted tokens' keys forward."""
+
+    def store(self, execution, config, batch, length, like):
+        if execution == "decode":
+            return PassBuffers(config, batch, length, like, carry=False)
+        return super().store(execution, config, batch, length, like)
+
+
+class _Unmerged(KVReuse):
+    """kv_reuse whose dense store recomputes halted tokens' keys (as recompute does)."""
+
+    def store(self, execution, config, batch, length, like):
+        if execution == "dense":
+            return Fresh(config.num_layers)
+        return super().store(execution, config, batch, length, like)
+
+
+class _Greedy(KVReuse):
+    """A decode store that allocates more than the strategy declares."""
+
+    def decode_bytes(self, config, batch, length, dtype=torch.float32):
+        return 1
+
+
+@pytest.mark.parametrize(
+    "cache, prop",
+    [
+        (_NoCarry, "decoding == full forward"),
+        (_Unmerged, "dense == sparse"),
+        (_Greedy, "decode memory within decode_bytes"),
+    ],
 )
-def test_later_tokens_change_nothing_before(halting, data, cache, cut, seed):
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
-    model = make(halting, kwargs, cache, seed=seed)
-    ids = random_ids(seed, 2, 16)
-    changed = ids.clone()
-    changed[:, cut + 1 :] = random_ids(seed + 1, 2, 16)[:, cut + 1 :]
-    a, b = run(model, ids), run(model, changed)
-    keep = slice(0, cut + 1)
-    assert torch.equal(a.depth[:, keep], b.depth[:, keep])
-    assert close(a.logits[:, keep], b.logits[:, keep])
+def test_the_kit_names_the_property_a_cache_breaks(cache, prop, registered):
+    CACHES.add("broken", cache)
+    with pytest.raises(AssertionError, match=rf"property '{prop}' fails for cache 'broken'"):
+        check_cache("broken", examples=10)
+    assert prop in PROPERTIES
 
 
-@pytest.mark.parametrize("halting", ALL)
-@PROPERTY
-@given(data=st.data(), cache=st.sampled_from(["kv_reuse", "recompute"]), seed=st.integers(0, 2**16))
-def test_a_batch_gives_each_rows_numbers(halting, data, cache, seed):
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
-    model = make(halting, kwargs, cache, seed=seed)
-    ids = random_ids(seed, 3, 12)
-    batch = run(model, ids)
-    for b in range(3):
-        row = run(model, ids[b : b + 1])
-        assert torch.equal(row.depth[0], batch.depth[b])
-        assert close(row.logits[0], batch.logits[b])
+# The strategies ------------------------------------------------------------------------------
 
 
-# KV reuse ----------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(masks=st.integers(1, 5).flatmap(lambda p: monotone_masks(p, 2, 7)))
+def test_monotone_masks_are_monotone(masks):
+    assert masks.shape[1:] == (2, 7) and bool(masks[0].all())
+    assert not bool((masks[1:] & ~masks[:-1]).any())
 
 
-@pytest.mark.parametrize("halting", NON_MIXING)
+@settings(max_examples=10, deadline=None)
+@given(config=configs(), ids=token_batches(batch=(1, 2), length=(3, 9)))
+def test_drawn_configs_build_and_run(config, ids):
+    model = zoo.build_model(config)
+    out = run(model, ids)
+    assert out.logits.shape == (*ids.shape, VOCAB)
+    assert bool(((out.depth >= 1) & (out.depth <= config.passes)).all())
+
+
+# The driver's bookkeeping ---------------------------------------------------------------------
+
+
+@UNIT
+@given(seed=st.integers(0, 2**16), passes=st.integers(2, 5))
+def test_driver_ands_masks_and_keeps_the_state_of_tokens_that_did_not_run(seed, passes):
+    """A policy that flips its mask and overwrites its state for every token."""
+
+    class Wild(HaltingPolicy):
+        def init_state(self, mask):
+            return {"seen": torch.zeros(mask.shape)}
+
+        def step(self, index, hidden, logits, mask, state, ctx):
+            g = torch.Generator().manual_seed(seed + index)
+            return HaltStep(mask=torch.rand(mask.shape, generator=g) < 0.6, state={"seen": state["seen"] + 1})
+
+    policy = Wild(zoo.preset("ponder-pythia-tiny", passes=passes))
+    hidden = [torch.zeros(2, 9, 64)] * (passes - 1)
+    result = run_policy(policy, hidden)
+    masks = result.masks
+    assert bool(masks[0].all()) and not bool((masks[1:] & ~masks[:-1]).any())
+    # a token's counter counts the pondering passes it ran: frozen once it halted
+    assert torch.equal(result.state["seen"], masks[:-1].sum(0).float())
+    assert bool((result.gates == 1).all())  # no gate given: ones
+
+
+# KV reuse ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("halting", ["none", "mlp_gate", "fixed_prune", "early_exit"])
 @PROPERTY
 @given(data=st.data(), seed=st.integers(0, 2**16))
-def test_kv_reuse_freezes_a_halted_tokens_logits_at_its_halting_pass(halting, data, seed):
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
+def test_kv_reuse_freezes_a_halted_tokens_logits_at_its_halting_pass(halting, data, seed, tiny_model):
+    kwargs = data.draw(halting_kwargs(halting), label="kwargs")
     P = 4
-    model = make(halting, kwargs, "kv_reuse", passes=P, seed=seed)
+    model = tiny_model(halting, kwargs, cache="kv_reuse", passes=P, seed=seed)
     ids = random_ids(seed, 2, 16)
     full = run(model, ids)
     state = model.state_dict()
     for j in range(1, P + 1):
         # The same model stopped after pass j - 1: its output is every token's pass-(j-1) logits.
-        truncated = make(halting, kwargs, "kv_reuse", passes=j)
+        truncated = tiny_model(halting, kwargs, cache="kv_reuse", passes=j)
         gates = {f"halting.gates.{i}." for i in range(j - 1, P - 1)}
         truncated.load_state_dict({k: v for k, v in state.items() if not any(k.startswith(g) for g in gates)})
         out = run(truncated, ids)
@@ -202,26 +292,26 @@ def test_kv_reuse_freezes_a_halted_tokens_logits_at_its_halting_pass(halting, da
         assert close(out.logits[halted_here], full.logits[halted_here])
 
 
-@pytest.mark.parametrize("halting", ALL)
+NEVER = {
+    "none": {},
+    "mlp_gate": {"threshold": 0.0},  # s >= 0 always holds
+    "fixed_prune": {"ratio": 0.0},
+    "act": {"bias_init": -30.0},  # cumulative probability stays ~1e-13
+    "early_exit": {"measure": "max_prob", "threshold": 1.0},  # an unsharpened head is never sure
+}
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "recursion_wise"])
+@pytest.mark.parametrize("halting", BUILT_IN_POLICIES)
 @PROPERTY
-@given(
-    bias=st.floats(-1.0, 1.0),
-    recurrence=st.sampled_from(["ponder", "loop"]),
-    seed=st.integers(0, 2**16),
-)
-def test_kv_reuse_equals_recompute_when_nothing_halts(halting, bias, recurrence, seed):
-    never = {
-        "none": {},
-        "mlp_gate": {"threshold": 0.0, "bias_init": bias},  # s >= 0 always holds
-        "fixed_prune": {"ratio": 0.0},
-        "act": {"bias_init": -30.0 + bias},  # cumulative probability stays ~1e-13
-        "early_exit": {"measure": "max_prob", "threshold": 1.0},  # an unsharpened head is never sure
-    }[halting]
+@given(recurrence=st.sampled_from(["ponder", "loop"]), seed=st.integers(0, 2**16))
+def test_freezing_caches_equal_recompute_when_nothing_halts(cache, halting, recurrence, seed, tiny_model):
     ids = random_ids(seed, 2, 12)
-    reuse = run(make(halting, never, "kv_reuse", recurrence, seed=seed, sharpen=1.0), ids)
-    recompute = run(make(halting, never, "recompute", recurrence, seed=seed, sharpen=1.0), ids)
-    assert bool((reuse.depth == 4).all()) and bool((recompute.depth == 4).all())
-    assert close(reuse.logits, recompute.logits)
+    same = dict(recurrence=recurrence, seed=seed, sharpen=1.0)
+    frozen = run(tiny_model(halting, NEVER[halting], cache=cache, **same), ids)
+    recompute = run(tiny_model(halting, NEVER[halting], cache="recompute", **same), ids)
+    assert bool((frozen.depth == 4).all()) and bool((recompute.depth == 4).all())
+    assert close(frozen.logits, recompute.logits)
 
 
 # Per-token decisions in any layout --------------------------------------------------------
@@ -232,7 +322,7 @@ def test_kv_reuse_equals_recompute_when_nothing_halts(halting, bias, recurrence,
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_policy_decides_per_token_in_any_layout(halting, data, seed):
     """Sparse execution and decoding call ``step`` on gathered tokens laid out (B', N)."""
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
+    kwargs = data.draw(halting_kwargs(halting), label="kwargs")
     config = zoo.preset("ponder-pythia-tiny", passes=4)
     torch.manual_seed(seed)
     pol = HALTING.get(halting)(config, **kwargs)
@@ -261,9 +351,9 @@ def test_policy_decides_per_token_in_any_layout(halting, data, seed):
         PassContext(pick(positions), None, None, 4),
     )
     assert torch.equal(part.mask, pick(whole.mask))
-    assert torch.allclose(part.gate, pick(whole.gate), atol=1e-6)
-    if whole.weight is not None:
-        assert torch.allclose(part.weight, pick(whole.weight), atol=1e-6)
+    for name in ("gate", "weight"):
+        a, b = getattr(part, name), getattr(whole, name)
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, pick(b), atol=1e-6))
     for key, value in (whole.state or {}).items():
         assert torch.allclose(part.state[key], pick(value), atol=1e-6)
 
@@ -286,25 +376,17 @@ def test_act_weights_sum_to_one(passes, bias, epsilon, scale, seed):
     pol.reset_parameters()
     g = torch.Generator().manual_seed(seed)
     B, T = 2, 9
-    mask = torch.ones(B, T, dtype=torch.bool)
-    ctx = PassContext(torch.arange(T).expand(B, T), None, None, passes)
-    state, masks, gates, weights = pol.init_state(mask), [mask], [], []
-    for i in range(passes - 1):
-        d = pol.step(i, torch.randn(B, T, config.dim, generator=g) * scale, None, mask, state, ctx)
-        assert bool((d.weight[~mask] == 0).all())  # a halted token takes no more weight
-        state, mask = d.state, d.mask
-        masks.append(mask)
-        gates.append(d.gate)
-        weights.append(d.weight)
-    gate_stack = torch.stack(gates) if gates else torch.zeros(0, B, T)
-    final, aux = pol.finish(gate_stack, torch.stack(masks), state, ctx)
-    weights.append(final)
-    total = torch.stack(weights).sum(0)
+    hidden = [torch.randn(B, T, config.dim, generator=g) * scale for _ in range(passes - 1)]
+    result = run_policy(pol, hidden)
+    weights, masks = result.weights, result.masks
+    assert bool((weights[:-1][~masks[:-1]] == 0).all())  # a token takes no weight at passes it did not run
+    total = weights.sum(0)
     assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
-    assert bool((torch.stack(weights) >= 0).all())
-    assert bool((final[~mask] == 0).all()) and bool((final[mask] > epsilon - 1e-6).all())
-    depth = torch.stack(masks).sum(0).float()
-    assert aux.item() >= pol.tau * depth.mean().item() - 1e-6
+    assert bool((weights >= 0).all())
+    last = masks[-1]
+    assert bool((weights[-1][~last] == 0).all()) and bool((weights[-1][last] > epsilon - 1e-6).all())
+    depth = masks.sum(0).float()
+    assert result.aux_loss.item() >= pol.tau * depth.mean().item() - 1e-6
 
 
 @UNIT
@@ -366,14 +448,11 @@ def test_fixed_prune_halts_its_scheduled_fraction(ratio, schedule, passes, seed,
     # tokens, the second pass still halts its own fraction
     if passes >= 3:
         wide = torch.arange(40_000)[None]
-        wide_ctx = PassContext(wide, None, None, passes)
-        survivors = policy.step(
-            0, torch.zeros(1, 40_000, 1), None, torch.ones_like(wide, dtype=torch.bool), {}, wide_ctx
-        )
-        second = policy.step(1, torch.zeros(1, 40_000, 1), None, survivors.mask, {}, wide_ctx)
-        active = survivors.mask.sum().item()
+        result = run_policy(policy, [torch.zeros(1, 40_000, 1)] * (passes - 1), positions=wide)
+        first, second = result.masks[1], result.masks[2]
+        active = first.sum().item()
         if active >= 5_000:
-            halted = (survivors.mask & ~second.mask).sum().item() / active
+            halted = (first & ~second).sum().item() / active
             assert abs(halted - halt_fractions(ratio, passes, schedule)[1]) <= 0.03
 
 
@@ -427,16 +506,16 @@ def neox_to_zoo(name: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("halting", ALL)
+@pytest.mark.parametrize("halting", BUILT_IN_POLICIES)
 @PROPERTY
 @given(
     data=st.data(),
     recurrence=st.sampled_from(["none", "ponder", "loop"]),
-    cache=st.sampled_from(["kv_reuse", "recompute"]),
+    cache=st.sampled_from(BUILT_IN_CACHES),
     seed=st.integers(0, 2**16),
 )
 def test_one_pass_with_unit_embedding_scale_is_gpt_neox(halting, data, recurrence, cache, seed):
-    kwargs = data.draw(KWARGS[halting], label="kwargs")
+    kwargs = data.draw(halting_kwargs(halting), label="kwargs")
     hf = reference_neox()
     model = zoo.build(
         "pythia-tiny",
@@ -465,7 +544,7 @@ def test_one_pass_with_unit_embedding_scale_is_gpt_neox(halting, data, recurrenc
 @given(
     passes=st.integers(1, 4),
     block=st.sampled_from(["neox", "llama"]),
-    cache=st.sampled_from(["kv_reuse", "recompute"]),
+    cache=st.sampled_from(BUILT_IN_CACHES),
     embed_scale=st.floats(0.5, 8.0),
     initial_mult=st.floats(1.0, 3.0),
     seed=st.integers(0, 2**16),
@@ -483,17 +562,34 @@ def test_ponder_without_halting_is_the_pondering_loop(passes, block, cache, embe
     )
     ids = random_ids(seed, 2, 12)
     with torch.no_grad():
-        # PonderLM by hand: E^0 = c m Embed(x); E^{i+1} = E^i + softmax(Z^i) @ (c Embed.weight)
-        positions = torch.arange(ids.shape[1])
-        rope = model.rotary(positions)
+        # PonderLM by hand: E^0 = c m Embed(x); E^{i+1} = E^i + softmax(Z^i) @ (c Embed.weight);
+        # under kv_share every later pass attends to each layer's keys and values of pass 0.
+        rope = model.rotary(torch.arange(ids.shape[1]))
         x = model.embed(ids) * embed_scale * initial_mult
+        first_pass = []
         for i in range(passes):
             h = x
-            for layer in model.layers:
-                h, _ = layer(h, rope)
+            for index, layer in enumerate(model.layers):
+                if cache == "kv_share" and i > 0:
+                    h, _ = layer(h, rope, Given(first_pass[index]))
+                else:
+                    h, kv = layer(h, rope)
+                    first_pass.append(kv)
             logits = model.head(model.final_norm(h))
             if i < passes - 1:
                 x = x + F.softmax(logits, dim=-1) @ (embed_scale * model.embed.weight)
         out = run(model, ids)
     assert bool((out.depth == passes).all())
     assert close(out.logits, logits)
+
+
+class Given(KVView):
+    """Hands a layer the keys and values it is given; the layer projects queries only."""
+
+    projects_kv = False
+
+    def __init__(self, kv):
+        self.kv = kv
+
+    def update(self, k, v):
+        return self.kv[0], self.kv[1], None, True

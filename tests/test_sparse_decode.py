@@ -1,4 +1,5 @@
-"""Sparse execution against dense, and incremental decoding against the full forward."""
+"""Sparse execution against dense, and incremental decoding against the full forward,
+for every cache strategy; the decode stores' memory formulas."""
 
 from __future__ import annotations
 
@@ -6,30 +7,29 @@ import pytest
 import torch
 
 import zoo
-import zoo.sparse
-from zoo.caches.decode import DecodeCache, decode_cache_bytes
+from zoo.caches.base import kv_bytes
+from zoo.layout import select
+from zoo.recurrence import run_passes, stack_pass
 
-# Settings under which each policy halts some tokens and not others on a fresh tiny model.
-PARTIAL = {
-    "none": {},
-    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
-    "fixed_prune": {"ratio": 0.4},
-    "act": {"bias_init": 0.0},
-    "early_exit": {"measure": "margin", "threshold": 0.001},
-}
-BLOCKS = {"neox": {}, "llama": {"block": "llama", "rotary_fraction": 1.0, "num_kv_heads": 2, "bias": False}}
+POLICIES = ["act", "early_exit", "fixed_prune", "mlp_gate", "none"]
+FREEZING = ["kv_reuse", "kv_share", "recursion_wise"]  # the strategies that allow sparse execution
 
 
-def make(policy: str, recurrence: str = "ponder", cache: str = "kv_reuse", block: str = "neox", seed: int = 0):
-    torch.manual_seed(seed)
-    return zoo.build(
-        "ponder-pythia-tiny",
-        recurrence=recurrence,
-        halting=policy,
-        halting_kwargs=PARTIAL.get(policy, {}),
-        cache=cache,
-        **BLOCKS[block],
-    ).eval()
+@pytest.fixture
+def make(tiny_model, plain_halting_settings):
+    """Factory: a tiny model in eval() mode, its policy set to halt some tokens and not others.
+
+    The head is left as initialised, so that logits stay near 1 and the comparisons below
+    can ask for float32 rounding in absolute terms.
+    """
+
+    def build(policy: str, recurrence: str = "ponder", cache: str = "kv_reuse", block: str = "neox", seed: int = 0):
+        kwargs = plain_halting_settings[policy]
+        return tiny_model(
+            policy, kwargs, cache=cache, recurrence=recurrence, block=block, seed=seed, sharpen=1.0
+        ).eval()
+
+    return build
 
 
 def ids(B: int = 3, T: int = 40, seed: int = 1) -> torch.Tensor:
@@ -42,11 +42,12 @@ def assert_partial(depth: torch.Tensor, passes: int = 4) -> None:
     assert not all(torch.equal(depth[0], row) for row in depth[1:]), "rows halt identically"
 
 
-@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("cache", FREEZING)
+@pytest.mark.parametrize("block", ["neox", "llama"])
 @pytest.mark.parametrize("recurrence", ["ponder", "loop"])
-@pytest.mark.parametrize("policy", sorted(PARTIAL))
-def test_sparse_equals_dense(policy, recurrence, block):
-    model = make(policy, recurrence, block=block)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sparse_equals_dense(policy, recurrence, block, cache, make):
+    model = make(policy, recurrence, cache, block=block)
     x = ids()
     with torch.no_grad():
         dense = model(x, execution="dense")
@@ -59,16 +60,16 @@ def test_sparse_equals_dense(policy, recurrence, block):
     torch.testing.assert_close(sparse.aux_loss, dense.aux_loss, atol=1e-6, rtol=1e-5)
 
 
-def test_sparse_computes_only_active_tokens(monkeypatch):
-    model = make("fixed_prune")
+@pytest.mark.parametrize("cache", FREEZING)
+def test_sparse_computes_only_active_tokens(cache, make):
+    model = make("fixed_prune", cache=cache)
     shapes = []
-    original = zoo.sparse.pass_compute
 
     def spy(model, x, rope, views):
         shapes.append(tuple(x.shape[:2]))
-        return original(model, x, rope, views)
+        return stack_pass(model, x, rope, views)
 
-    monkeypatch.setattr(zoo.sparse, "pass_compute", spy)
+    model.pass_fn = spy  # the explicit attribute zoo.compile swaps
     with torch.no_grad():
         out = model(ids())
     active = out.masks.sum((1, 2)).tolist()  # tokens that ran each pass
@@ -79,7 +80,7 @@ def test_sparse_computes_only_active_tokens(monkeypatch):
     assert sum(r * s for r, s in shapes) < 4 * 3 * 40
 
 
-def test_default_execution_and_recompute_refusal():
+def test_default_execution_and_recompute_refusal(make):
     model = make("mlp_gate")
     assert model.resolve_execution(None) == "sparse"
     model.train()
@@ -92,9 +93,9 @@ def test_default_execution_and_recompute_refusal():
         model(ids(), execution="fast")
 
 
-@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
-@pytest.mark.parametrize("policy", sorted(PARTIAL))
-def test_decoding_reproduces_full_forward(policy, cache):
+@pytest.mark.parametrize("cache", [*FREEZING, "recompute"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_decoding_reproduces_full_forward(policy, cache, make):
     model = make(policy, cache=cache)
     prompt = ids(B=3, T=12)
     gen = model.generate(prompt, 16)
@@ -110,7 +111,7 @@ def test_decoding_reproduces_full_forward(policy, cache):
         assert_partial(gen.depth)
 
 
-def test_sampling_is_reproducible_and_filtered():
+def test_sampling_is_reproducible_and_filtered(make):
     model = make("mlp_gate")
     prompt = ids(B=2, T=6)
     a = model.generate(prompt, 12, temperature=1.0, seed=7)
@@ -129,19 +130,18 @@ def test_sampling_is_reproducible_and_filtered():
     torch.testing.assert_close(a.logits, full.logits[:, 5:17], atol=2e-5, rtol=0)
 
 
-def test_eos_rows_stop_and_cost_nothing(monkeypatch):
+def test_eos_rows_stop_and_cost_nothing(make):
     model = make("fixed_prune")
     prompt = ids(B=3, T=8)
     reference = model.generate(prompt, 10)
     eos = int(reference.tokens[0, 8 + 2])  # row 0 emits this at step 2
     rows_per_step = []
-    original = zoo.sparse.pass_compute
 
     def spy(model, x, rope, views):
         rows_per_step.append(x.shape[0])
-        return original(model, x, rope, views)
+        return stack_pass(model, x, rope, views)
 
-    monkeypatch.setattr(zoo.sparse, "pass_compute", spy)
+    model.pass_fn = spy
     gen = model.generate(prompt, 10, eos_token_id=eos)
     first = (reference.tokens[:, 8:] == eos).float().argmax(1)  # first eos step per row (0 if none)
     for row in range(3):
@@ -157,7 +157,7 @@ def test_eos_rows_stop_and_cost_nothing(monkeypatch):
     assert min(rows_per_step[1:]) < 3
 
 
-def test_generate_rejects_bad_arguments():
+def test_generate_rejects_bad_arguments(make):
     model = make("none")
     prompt = ids(B=1, T=250)
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -172,13 +172,57 @@ def test_generate_rejects_bad_arguments():
         model.generate(prompt[:, :5], 2, eos_token_id=10_000)
 
 
-def test_decode_cache_memory_formula():
-    model = make("mlp_gate")
+@pytest.mark.parametrize("cache", ["kv_reuse", "recompute"])
+def test_per_pass_decode_store_memory_formula(cache, make):
+    model = make("mlp_gate", cache=cache)
     cfg = model.config
-    cache = DecodeCache(cfg, batch=2, length=21, like=model.embed.weight)
-    assert cache.length == 24  # rounded up to a multiple of 8
-    assert cache.nbytes() == decode_cache_bytes(cfg, 2, 24)
-    assert cache.nbytes() == 4 * cfg.num_layers * 2 * 2 * 24 * cfg.kv_heads * cfg.head_dim * 4
+    store = model.cache.store("decode", cfg, 2, 21, model.embed.weight)
+    assert store.length == 24  # rounded up to a multiple of 8
+    assert store.nbytes() == model.cache.decode_bytes(cfg, 2, 21) == kv_bytes(cfg, 2, 24, torch.float32) * 4
+    assert store.nbytes() == 4 * cfg.num_layers * 2 * 2 * 24 * cfg.kv_heads * cfg.head_dim * 4
+    assert model.cache.decode_bytes(cfg, 2, 21, torch.bfloat16) == store.nbytes() // 2
+
+
+def test_kv_share_decodes_with_one_cache(make):
+    model = make("mlp_gate", cache="kv_share")
+    cfg = model.config
+    store = model.cache.store("decode", cfg, 2, 21, model.embed.weight)
+    one = cfg.num_layers * 2 * 2 * 24 * cfg.kv_heads * cfg.head_dim * 4  # one cache of 24 positions
+    assert store.nbytes() == model.cache.decode_bytes(cfg, 2, 21) == one
+    assert one * cfg.passes == make("mlp_gate").cache.decode_bytes(cfg, 2, 21)  # kv_reuse: one per pass
+
+
+def test_recursion_wise_decode_store_holds_the_tokens_that_ran_each_pass(make):
+    """Pass i holds max_b n_i(b) + M entries per row (rounded up to 8): less when tokens halt."""
+    model = make("fixed_prune", cache="recursion_wise")
+    cfg = model.config
+    prompt, new = ids(B=3, T=40), 9
+    store = model.cache.store("decode", cfg, 3, 40 + new, model.embed.weight)
+    with torch.no_grad():
+        out = run_passes(model, prompt, store, sparse=True, last_only=True)
+    reached = out.masks.sum(2).max(1).values.tolist()  # (P,) the most prompt tokens of a row at each pass
+    capacity = [-(-(n + new) // 8) * 8 for n in reached]
+    per_entry = cfg.num_layers * 2 * 3 * cfg.kv_heads * cfg.head_dim * 4
+    assert reached[0] == 40 and reached[-1] < 40  # fixed_prune halts tokens before the last pass
+    assert store.nbytes() == per_entry * sum(capacity) < model.cache.decode_bytes(cfg, 3, 40 + new)
+    assert store.filled.tolist() == out.masks.sum(2).tolist()  # entries per pass and row
+
+
+def test_selection_layout():
+    runs = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0], [0] * 8, [1, 1, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    sel = select(runs, start=5)
+    assert sel.rows.tolist() == [0, 2] and sel.padded and not sel.full
+    assert sel.index[0, :4].tolist() == [0, 2, 3, 6] and sel.index[1].tolist() == [0, 1, 3, 4, 5, 7]
+    assert sel.valid.sum(1).tolist() == [4, 6]
+    assert torch.equal(sel.columns(), sel.index + 5)
+    values = torch.arange(3 * 8).view(3, 8).float()
+    assert torch.equal(sel.gather(values)[sel.valid], values[runs])
+    target = torch.zeros(3, 8)
+    sel.commit(target, sel.gather(values))
+    assert torch.equal(target, torch.where(runs, values, 0.0))  # padding slots write nothing
+    compiled = select(runs, bucket=4)
+    assert compiled.rows.tolist() == [0, 1, 2] and compiled.index.shape == (3, 8)  # static layout
+    assert select(torch.zeros(2, 3, dtype=torch.bool)) is None
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 32, 33])
@@ -219,7 +263,7 @@ def test_vocab_products_fast_forms_are_the_same_products(rows, monkeypatch):
     assert calls["mm"] == int(2 <= rows <= vocab.FAST_ROWS) and head.weight.grad is not None
 
 
-def test_decoding_with_the_fast_vocab_products_reproduces_full_forward(monkeypatch):
+def test_decoding_with_the_fast_vocab_products_reproduces_full_forward(monkeypatch, make):
     import zoo.blocks.head as vocab
 
     monkeypatch.setattr(vocab, "FAST_MIN_NUMEL", 0)

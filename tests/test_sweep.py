@@ -19,8 +19,8 @@ import zoo
 
 PASSES = {"none": 1, "ponder": 3, "loop": 4}
 
-# Settings under which a good share of tokens halts (the head is sharpened below so that
-# confidence-based exits happen at all in a random model).
+# Settings under which a good share of tokens halts, with every auxiliary loss on (the head
+# is sharpened below so that confidence-based exits happen at all in a random model).
 HALTING_KWARGS = {
     "none": {},
     "mlp_gate": {"threshold": 0.5, "bias_init": 0.0, "k_max": 0.5},
@@ -40,37 +40,27 @@ CASES = [
 ]
 
 
-def build(block: str, recurrence: str, halting: str, cache: str, setting: str) -> zoo.RecurrentLM:
-    torch.manual_seed(0)
-    extra = dict(rotary_fraction=1.0, num_kv_heads=2) if block == "llama" else {}
-    kwargs = HALTING_KWARGS[halting] if setting == "halting" else {}
-    model = zoo.build(
-        "ponder-pythia-tiny",
-        block=block,
-        recurrence=recurrence,
-        passes=PASSES[recurrence],
-        halting=halting,
-        halting_kwargs=kwargs,
-        cache=cache,
-        **extra,
-    )
-    if setting == "halting":
-        with torch.no_grad():
-            model.head.weight.mul_(20.0)
-    return model
-
-
 def test_sweep_covers_every_registered_part():
     assert set(zoo.available("block")) >= {"neox", "llama"}
     assert set(zoo.available("recurrence")) >= {"none", "ponder", "loop"}
     assert set(zoo.available("halting")) >= {"none", "mlp_gate", "fixed_prune", "act", "early_exit"}
-    assert set(zoo.available("cache")) >= {"recompute", "kv_reuse"}
-    assert len(CASES) == 2 * 3 * 2 * (1 + 2 * (len(zoo.available("halting")) - 1))
+    assert set(zoo.available("cache")) >= {"recompute", "kv_reuse", "kv_share", "recursion_wise"}
+    caches = len(zoo.available("cache"))
+    assert len(CASES) == 2 * 3 * caches * (1 + 2 * (len(zoo.available("halting")) - 1))
 
 
 @pytest.mark.parametrize("block, recurrence, halting, cache, setting", CASES)
-def test_combination_trains(block, recurrence, halting, cache, setting):
-    model = build(block, recurrence, halting, cache, setting)
+def test_combination_trains(block, recurrence, halting, cache, setting, tiny_model):
+    # The "halting" setting sharpens the head so that confidence-based exits happen at all.
+    model = tiny_model(
+        halting,
+        HALTING_KWARGS[halting] if setting == "halting" else {},
+        cache=cache,
+        recurrence=recurrence,
+        passes=PASSES[recurrence],
+        block=block,
+        sharpen=20.0 if setting == "halting" else 1.0,
+    )
     P = model.config.passes
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     out = model(ids, execution="dense", step=10)

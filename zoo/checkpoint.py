@@ -39,6 +39,7 @@ from torch import Tensor
 from zoo.build import build_model
 from zoo.config import ModelConfig
 from zoo.model import RecurrentLM
+from zoo.registry import plugin_parts, require_parts
 
 __all__ = [
     "save",
@@ -341,6 +342,7 @@ def save(model: RecurrentLM, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
+        "plugins": plugin_parts(model.config),  # the modules of parts the library does not define
     }
     with atomic_write(path, directory=True) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "producer": FORMAT})
@@ -353,7 +355,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
     Raises:
         FileNotFoundError: the folder or its ``config.json`` is missing.
-        ValueError: ``config.json`` is not a ponder-zoo checkpoint config of a known version.
+        ValueError: ``config.json`` is not a ponder-zoo checkpoint config of a known version,
+            or names a part that is not registered (the message names the module that
+            registered it; nothing is imported).
     """
     folder = _existing_folder(path)
     config_file = folder / CONFIG_FILE
@@ -378,6 +382,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
             f"{config_file} has format_version {version!r}; this ponder-zoo reads versions up to "
             f"{FORMAT_VERSION}. Upgrade ponder-zoo"
         )
+    require_parts(header.get("config"), header.get("plugins"), str(config_file))
     return ModelConfig.from_dict(header["config"])
 
 
@@ -393,7 +398,10 @@ def load(
 
     Raises:
         FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing.
-        ValueError: a corrupted or truncated file (named), or tensors that do not fit the config.
+        ValueError: a corrupted or truncated file (named), tensors that do not fit the config,
+            or a part (a plugin's halting policy, say) that is not registered: the message
+            names the module that registered it when the model was saved. Loading never
+            imports code because a file names it; import the module first.
 
     Example:
         >>> import tempfile, torch, zoo

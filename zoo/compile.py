@@ -7,23 +7,29 @@ from typing import Any
 import torch
 
 from zoo.model import RecurrentLM
-from zoo.sparse import pass_compute
+from zoo.recurrence import run_dense, stack_pass
 
-__all__ = ["compile", "uncompile"]
+__all__ = ["compile", "uncompile", "BUCKET"]
+
+BUCKET = 64
+"""Compiled passes round a selection's slot count up to a multiple of this (see :func:`zoo.layout.select`)."""
 
 
 def compile(model: RecurrentLM, *, dynamic: bool | None = None, **options: Any) -> RecurrentLM:
     """Compiles ``model`` in place and returns it.
 
-    Two functions are compiled, and the eager ones stay available (:func:`uncompile`):
+    Two functions are compiled, swapped into the model's explicit attributes
+    (:attr:`~zoo.model.RecurrentLM.dense_fn`, :attr:`~zoo.model.RecurrentLM.pass_fn`); the
+    eager ones come back with :func:`uncompile`:
 
-    * the dense pass loop (training and ``execution="dense"``), with ``fullgraph=True``:
+    * the dense forward (training and ``execution="dense"``), with ``fullgraph=True``:
       static shapes, no host synchronisation, so no graph breaks;
     * one pass of the block stack over gathered tokens, used by sparse execution, prefill and
       every decode step. Compiled passes use a static layout: every batch row is kept (rows
       with nothing to run are padding) and the number of token slots is rounded up to a
-      multiple of 64, so the graphs are bounded by the number of buckets, and a decode step
-      (one token per row) compiles once and is reused for every pass and every step.
+      multiple of :data:`BUCKET` (``model.slot_bucket``), so the graphs are bounded by the
+      number of buckets, and a decode step (one token per row) compiles once and is reused
+      for every pass and every step.
 
     Args:
         model: the model to compile.
@@ -31,13 +37,13 @@ def compile(model: RecurrentLM, *, dynamic: bool | None = None, **options: Any) 
         **options: further ``torch.compile`` arguments (``mode="max-autotune"``,
             ``backend=...``).
     """
-    model._compiled_dense = torch.compile(model.dense_forward, fullgraph=True, dynamic=dynamic, **options)
-    model._compiled_pass = torch.compile(pass_compute, fullgraph=True, dynamic=dynamic, **options)
+    model.dense_fn = torch.compile(run_dense, fullgraph=True, dynamic=dynamic, **options)
+    model.pass_fn = torch.compile(stack_pass, fullgraph=True, dynamic=dynamic, **options)
+    model.slot_bucket = BUCKET
     return model
 
 
 def uncompile(model: RecurrentLM) -> RecurrentLM:
-    """Removes what :func:`compile` attached; the model runs eagerly again."""
-    for name in ("_compiled_dense", "_compiled_pass"):
-        model.__dict__.pop(name, None)
+    """Puts the eager functions back (:func:`compile` undone); the model runs eagerly again."""
+    model.dense_fn, model.pass_fn, model.slot_bucket = run_dense, stack_pass, None
     return model

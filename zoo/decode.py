@@ -2,12 +2,13 @@
 
 Shape legend: B batch, T prompt length, M new tokens, V vocabulary, P passes.
 
-Prefill runs the prompt through :func:`zoo.sparse.run_passes` into a
-:class:`~zoo.caches.decode.DecodeCache`; each step then runs one new token per row through
-the same loop: pass 0 for every live row, later passes only for rows whose token is still
-active. Rows halt independently, and a row that emitted ``eos_token_id`` is not computed
-again. Because every halting decision is causal, ``gen.logits[:, j]`` equals
-``model(gen.tokens).logits[:, T - 1 + j]``, and ``gen.depth`` likewise.
+Prefill runs the prompt through the driver (:func:`zoo.recurrence.run_passes`) into the
+cache strategy's decode store (``model.cache.store("decode", ...)``); each step then runs
+one new token per row through the same loop: pass 0 for every live row, later passes only
+for rows whose token is still active. Rows halt independently, and a row that emitted
+``eos_token_id`` is not computed again. Because every halting decision is causal,
+``gen.logits[:, j]`` equals ``model(gen.tokens).logits[:, T - 1 + j]``, and ``gen.depth``
+likewise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from zoo.caches.decode import DecodeCache
-from zoo.sparse import run_passes
+from zoo.recurrence import run_passes
 
 __all__ = ["GenerationOutput", "generate", "sample_next"]
 
@@ -126,18 +126,15 @@ def generate(
     model.eval()
     try:
         device = input_ids.device
-        cache = DecodeCache(cfg, B, T + max_new_tokens, model.embed.weight, carry=model.cache.freezes)
-        compiled = getattr(model, "_compiled_pass", None)
-        bucket = 64 if compiled is not None else None  # compiled passes keep a static layout
+        store = model.cache.store("decode", cfg, B, T + max_new_tokens, model.embed.weight)
+        run = dict(sparse=True, compute=model.pass_fn, bucket=model.slot_bucket, last_only=True)
         tokens = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], dim=1)
         logits_out = model.embed.weight.new_zeros(B, max_new_tokens, cfg.vocab_size)
         depth_out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
 
-        trace = run_passes(
-            model, input_ids, 0, cache, compute=compiled, bucket=bucket, last_logits_only=True
-        )
-        logits, depth = trace.logits[:, -1], trace.depth[:, -1]
+        out = run_passes(model, input_ids, store, **run)
+        logits, depth = out.logits[:, -1], out.depth[:, -1]
         show = progress if progress is not None else max_new_tokens >= 64
         for j in tqdm(range(max_new_tokens), desc="generate", unit="tok", disable=not show):
             logits_out[:, j] = torch.where(alive[:, None], logits, 0.0)
@@ -154,10 +151,8 @@ def generate(
                 tokens[:, T + j] = token
             if j + 1 == max_new_tokens:
                 break
-            trace = run_passes(
-                model, token[:, None], T + j, cache, alive=alive, compute=compiled, bucket=bucket, last_logits_only=True
-            )
-            logits, depth = trace.logits[:, 0], trace.depth[:, 0]
+            out = run_passes(model, token[:, None], store, start=T + j, alive=alive, **run)
+            logits, depth = out.logits[:, 0], out.depth[:, 0]
         return GenerationOutput(tokens, logits_out, depth_out)
     finally:
         model.train(was_training)

@@ -1,20 +1,26 @@
 """Counting the compute a forward actually spends, given each token's depth.
 
 Counts are multiply-accumulates (MACs) of matrix products; ``FLOPs = 2 * MACs``. What
-is counted, per pass ``i`` and for each token that runs it (``depth > i``)::
+is counted, per pass ``i``::
 
-    layers (each of L):  QKV projection      d * (H + 2 H_kv) * D
-                         attention           2 * H * D * (t + 1)   scores and values over the
-                                                                   t + 1 keys a query at position
-                                                                   t attends (halted tokens' keys
-                                                                   and values included)
-                         output projection   H * D * d
+    layers (each of L):  query projection    d * H * D              per token the pass computes
+                         key/value proj.     d * 2 * H_kv * D       per token whose keys and values
+                                                                    the pass projects
+                         attention           2 * H * D              per query-key pair attended
+                         output projection   H * D * d              per token the pass computes
                          MLP                 its linear weights (GELU: 2 d f; SwiGLU: 3 d f)
     head                 V * d               per logits computed (below)
     pondering embedding  V * d               softmax(Z) @ Embed.weight, per token that takes
                                              the update (runs the next pass)
     gates                the policy's linear weights for one pass (mlp_gate: k d^2 + k d;
                                              act: d), per token the pass gates
+
+Which tokens a pass computes, which project keys and values and which keys each query
+attends is the cache strategy's to say (:meth:`~zoo.caches.base.CacheStrategy.work`):
+under ``kv_reuse`` and ``recompute`` the tokens that run pass ``i`` (``depth > i``) compute
+it and project their keys and values, and a query at position ``t`` attends to the
+``t + 1`` keys up to it, halted tokens' included; ``kv_share`` projects keys and values at
+pass 0 only; ``recursion_wise`` attends only to the running tokens' keys.
 
 The head runs at every pass a token runs when the recurrence or the policy reads the
 logits (PonderLM, early exit), else once per token; a policy that mixes the passes'
@@ -59,7 +65,8 @@ class MacCount:
     """Multiply-accumulates of one forward, by part.
 
     Attributes:
-        qkv: the fused query/key/value projections.
+        qkv: the fused query/key/value projections (the query part alone where a cache
+            strategy reuses keys and values).
         attention: attention scores and the weighted sum of values.
         attn_out: the attention output projections.
         mlp: the MLPs.
@@ -109,8 +116,8 @@ def count(
             int for every token, with ``seq_len``.
         seq_len: sequence length when ``depth`` is an int (one sequence).
         execution: ``"sparse"`` or ``"dense"``; ``None`` is sparse when the model's cache
-            freezes halted tokens (``kv_reuse``), dense otherwise, like ``model(ids)`` in
-            ``eval()`` mode.
+            freezes halted tokens (``kv_reuse``, ``kv_share``, ``recursion_wise``), dense
+            otherwise, like ``model(ids)`` in ``eval()`` mode.
 
     Raises:
         ValueError: depths outside ``1..passes``, an int depth without ``seq_len``, an
@@ -121,19 +128,19 @@ def count(
     config = model.config
     P = config.passes
     depth = _depth_tensor(depth, seq_len, P)
-    if execution is None:  # as model(ids) in eval() mode, whatever mode the model is in
-        execution = "sparse" if model.cache.freezes else "dense"
-    execution = model.resolve_execution(execution)
+    # None: as model(ids) in eval() mode, whatever mode the model is in
+    execution = model.resolve_execution(execution, training=False)
     if execution == "dense":
         depth = torch.full_like(depth, P)
 
-    keys = torch.arange(1, depth.shape[-1] + 1, dtype=torch.int64)  # keys seen at position t: t + 1
-    runs = [int((depth > i).sum()) for i in range(P)]  # tokens that run pass i
-    keys_attended = [int(((depth > i) * keys).sum()) for i in range(P)]
+    work = [model.cache.work(depth, i) for i in range(P)]
+    runs = [w.queries for w in work]  # tokens that run pass i
     tokens = depth.numel()
 
     layer = model.layers[0]
-    qkv, attn_out = layer.attn.qkv.weight.numel(), layer.attn.proj.weight.numel()
+    query = config.dim * config.num_heads * config.head_dim  # the query rows of the fused projection
+    key_value = layer.attn.qkv.weight.numel() - query
+    attn_out = layer.attn.proj.weight.numel()
     mlp = _linear_macs(layer.mlp)
     pair = 2 * config.num_heads * config.head_dim  # one query-key pair: score + value
     vocab_macs = model.head.weight.numel()
@@ -147,8 +154,8 @@ def count(
         head_calls = sum(runs) if logits_each_pass else tokens
     L = config.num_layers
     return MacCount(
-        qkv=L * qkv * sum(runs),
-        attention=L * pair * sum(keys_attended),
+        qkv=L * (query * sum(runs) + key_value * sum(w.kv_tokens for w in work)),
+        attention=L * pair * sum(w.keys for w in work),
         attn_out=L * attn_out * sum(runs),
         mlp=L * mlp * sum(runs),
         head=vocab_macs * head_calls,

@@ -6,7 +6,7 @@ hands them in. The pass loop lives in :mod:`zoo.recurrence`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -15,36 +15,25 @@ from zoo.blocks.head import VocabHead
 from zoo.caches.base import CacheStrategy
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy
-from zoo.recurrence import PassTrace, Recurrence, run_dense
+from zoo.recurrence import ModelOutput, Recurrence, run_dense, run_sparse, stack_pass
 
 __all__ = ["RecurrentLM", "ModelOutput", "EXECUTIONS"]
 
 EXECUTIONS = ("dense", "sparse")
 
 
-@dataclass
-class ModelOutput:
-    """The result of ``model(input_ids)``.
-
-    Attributes:
-        logits: (B, T, V) next-token logits.
-        depth: (B, T) int64, passes each token ran, ``1..passes``.
-        aux_loss: scalar, the halting policy's auxiliary loss (0 when it adds none).
-        masks: (P, B, T) bool, ``masks[i]`` is True where the token ran pass ``i``.
-        gates: (P - 1, B, T) the gate values ``s^i`` (ones for policies without a gate).
-    """
-
-    logits: Tensor
-    depth: Tensor
-    aux_loss: Tensor
-    masks: Tensor
-    gates: Tensor
-
-
 class RecurrentLM(nn.Module):
     """A language model whose block stack may run several passes per token.
 
     Build it with :func:`zoo.build` or :func:`zoo.from_hf` rather than by hand.
+
+    Attributes:
+        dense_fn: the dense forward, ``dense_fn(model, input_ids, step)``:
+            :func:`~zoo.recurrence.run_dense`, or its compiled twin after :func:`zoo.compile`.
+        pass_fn: one pass of the block stack over a selection of tokens (sparse execution,
+            decoding): :func:`~zoo.recurrence.stack_pass`, or its compiled twin.
+        slot_bucket: the slot rounding of selections (a static layout for compiled passes,
+            see :func:`zoo.layout.select`); ``None`` when eager.
 
     Args:
         config: the frozen config the parts were built from.
@@ -77,6 +66,10 @@ class RecurrentLM(nn.Module):
         self.recurrence = recurrence
         self.halting = halting
         self.cache = cache
+        # What zoo.compile swaps for compiled twins (and zoo.uncompile swaps back).
+        self.dense_fn: Callable[..., ModelOutput] = run_dense
+        self.pass_fn: Callable[..., tuple[Tensor, Tensor]] = stack_pass
+        self.slot_bucket: int | None = None
 
     # Forward ------------------------------------------------------------------------------
 
@@ -86,9 +79,9 @@ class RecurrentLM(nn.Module):
         Args:
             input_ids: LongTensor (B, T) with ids in ``[0, vocab_size)``, ``T <= max_seq_len``.
             execution: ``"dense"`` (every token runs every pass, masks by ``where``; used for
-                training) or ``"sparse"`` (only active tokens run; needs a freezing cache such
-                as ``kv_reuse``). ``None`` picks sparse in ``eval()`` mode with ``kv_reuse``,
-                dense otherwise.
+                training) or ``"sparse"`` (only active tokens run; needs a cache strategy
+                that freezes halted tokens, such as ``kv_reuse``). ``None`` picks sparse in
+                ``eval()`` mode with such a strategy, dense otherwise.
             step: training step for the halting policy's schedules (an int or 0-d tensor);
                 ``None`` puts schedules at their final value.
 
@@ -100,17 +93,8 @@ class RecurrentLM(nn.Module):
         if step is not None and not isinstance(step, Tensor):
             step = torch.tensor(step, device=input_ids.device)
         if execution == "dense":
-            dense = self.__dict__.get("_compiled_dense", self.dense_forward)
-            trace = dense(input_ids, step)
-        else:
-            from zoo.sparse import run_sparse
-
-            trace = run_sparse(self, input_ids, step)
-        return self.output(trace)
-
-    def dense_forward(self, input_ids: Tensor, step: Tensor | None = None) -> PassTrace:
-        """The dense pass loop without input checks: the function :func:`zoo.compile` compiles."""
-        return run_dense(self, input_ids, step)
+            return self.dense_fn(self, input_ids, step)
+        return run_sparse(self, input_ids, step)
 
     def generate(
         self,
@@ -133,15 +117,20 @@ class RecurrentLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, progress)
 
-    @staticmethod
-    def output(trace: PassTrace) -> ModelOutput:
-        """Packs a :class:`~zoo.recurrence.PassTrace` as the public :class:`ModelOutput`."""
-        return ModelOutput(trace.logits, trace.depth, trace.aux_loss, trace.masks, trace.gates)
+    def resolve_execution(self, execution: str | None, training: bool | None = None) -> str:
+        """The execution mode a call runs in (see :meth:`forward`).
 
-    def resolve_execution(self, execution: str | None) -> str:
-        """The execution mode a call runs in (see :meth:`forward`)."""
+        Args:
+            execution: ``"dense"``, ``"sparse"`` or ``None`` (the default for the mode).
+            training: the mode to resolve ``None`` for; ``None`` is the model's own.
+
+        Raises:
+            ValueError: an unknown execution, or sparse execution with a cache strategy
+                that does not freeze halted tokens.
+        """
+        training = self.training if training is None else training
         if execution is None:
-            return "sparse" if (not self.training and self.cache.freezes) else "dense"
+            return "sparse" if (not training and self.cache.freezes) else "dense"
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS} or None, got {execution!r}")
         if execution == "sparse" and not self.cache.freezes:

@@ -1,34 +1,59 @@
 """Recurrences and the one driver that owns the pass loop.
 
-Shape legend: B batch, T time, d width, V vocabulary, P passes, L layers.
+Shape legend: B batch, T (or n) time, d width, V vocabulary, P passes, L layers; B', N
+the rows and slots of a selection of tokens.
 
-The loop, for every combination of recurrence, halting policy and cache strategy::
+The loop, for every combination of recurrence, halting policy and cache strategy, and for
+every execution (dense, sparse, decoding)::
 
     E^0 = c * Embed(x)                           m^0 = 1
-    pass i:   H^i = Stack(E^i)  (keys/values of halted tokens as the cache strategy says)
+    pass i:   H^i = Stack(E^i)  (keys/values as the cache strategy keeps them)
               Z^i = Head(FinalNorm(H^i))
-              s^i, m^{i+1} = policy(i, FinalNorm(H^i), Z^i, m^i)
+              s^i, keep = policy(i, FinalNorm(H^i), Z^i, m^i)
+              m^{i+1} = m^i & keep
               E^{i+1} = E^i + m^{i+1} * s^i * delta^i
 
 where ``delta`` is the recurrence's update: PonderLM's pondering embedding
 ``softmax(Z^i) @ (c * Embed.weight)``, or LoopTransformer's step to the stack output
 ``H^i - E^i`` (so that with ``s = 1`` the next input is ``H^i``).
+
+:func:`run_passes` is that loop. It runs each pass over a layout of the tokens
+(:mod:`zoo.layout`): the identity, where halting acts through ``where`` (dense execution,
+training, ``zoo.compile``), or a gathered selection of the tokens that run the pass
+(sparse execution, prefill, decode steps). Either way it alone makes the masks monotone,
+keeps the state of tokens that did not run, and fills what a policy leaves out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import partial
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from zoo.blocks.head import expected_embedding
+from zoo.caches.base import KVStore, KVView
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy, PassContext
+from zoo.layout import Grid, Layout, select
 from zoo.registry import RECURRENCES
 
-__all__ = ["Recurrence", "NoRecurrence", "Ponder", "Loop", "PassTrace", "run_dense", "run_stack"]
+__all__ = [
+    "Recurrence",
+    "NoRecurrence",
+    "Ponder",
+    "Loop",
+    "ModelOutput",
+    "Decision",
+    "run_passes",
+    "step_policy",
+    "finish_policy",
+    "run_dense",
+    "run_sparse",
+    "stack_pass",
+]
 
 
 class Recurrence(nn.Module):
@@ -101,89 +126,266 @@ class Loop(Recurrence):
 
 
 @dataclass
-class PassTrace:
-    """What the pass loop produced.
+class ModelOutput:
+    """The result of ``model(input_ids)`` (and of every run of the pass loop).
 
     Attributes:
-        logits: (B, T, V) output logits.
-        hidden: (B, T, d) final-norm hidden state the logits were computed from.
-        masks: (P, B, T) bool, ``m^0 .. m^{P-1}`` (token ran pass i).
-        gates: (P - 1, B, T) gate values ``s^i`` (ones for policies without a gate).
-        aux_loss: scalar, the policy's auxiliary losses summed.
+        logits: (B, T, V) next-token logits: each token's from its last active pass (with a
+            freezing cache strategy), the last pass's (``recompute``), or the policy's mix
+            (ACT).
+        depth: (B, T) int64, passes each token ran, ``1..passes`` (0 for rows a decode step
+            did not compute).
+        aux_loss: scalar, the halting policy's auxiliary loss (0 when it adds none).
+        masks: (P, B, T) bool, ``masks[i]`` is True where the token ran pass ``i``.
+        gates: (P - 1, B, T) the gate values ``s^i`` (1 for policies without a gate, and
+            for tokens that did not run the pass).
     """
 
     logits: Tensor
-    hidden: Tensor
+    depth: Tensor
+    aux_loss: Tensor
     masks: Tensor
     gates: Tensor
-    aux_loss: Tensor
-
-    @property
-    def depth(self) -> Tensor:
-        """(B, T) passes each token ran, ``1..P``."""
-        return self.masks.sum(0)
 
 
-def run_stack(layers: nn.ModuleList, x: Tensor, rope: tuple[Tensor, Tensor], views: list) -> tuple[Tensor, list]:
-    """Runs every layer once; returns the output and each layer's attended (k, v)."""
-    kvs = []
-    for layer, view in zip(layers, views):
-        x, kv = layer(x, rope, view)
-        kvs.append(kv)
-    return x, kvs
+def stack_pass(
+    model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], views: list[KVView | None]
+) -> tuple[Tensor, Tensor]:
+    """One pass of the block stack over a layout's tokens: (stack output ``H``, ``FinalNorm(H)``).
 
-
-def run_dense(model: nn.Module, input_ids: Tensor, step: Tensor | None) -> PassTrace:
-    """Dense execution: every token runs every pass; halting acts through ``where`` masks.
-
-    Static shapes and no host synchronisation, so it compiles with ``fullgraph=True``.
-    ``model`` is a :class:`~zoo.model.RecurrentLM` (its parts are read, never mutated).
+    The function :func:`zoo.compile` compiles for sparse execution and decoding.
     """
-    B, T = input_ids.shape
-    P = model.config.passes
-    policy: HaltingPolicy = model.halting
-    recurrence: Recurrence = model.recurrence
-    positions = torch.arange(T, device=input_ids.device)
-    ctx = PassContext(positions=positions.expand(B, T), input_ids=input_ids, step=step, passes=P)
-    rope = model.rotary(positions)
+    for layer, view in zip(model.layers, views):
+        x, _ = layer(x, rope, view)
+    return x, model.final_norm(x)
 
-    x = recurrence.initial(model.embed(input_ids))  # E^0, (B, T, d)
-    mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)  # m^0
-    state = policy.init_state(mask)
+
+def run_passes(
+    model: nn.Module,
+    input_ids: Tensor,
+    store: KVStore,
+    *,
+    start: int = 0,
+    step: Tensor | None = None,
+    sparse: bool = False,
+    alive: Tensor | None = None,
+    compute: Callable[..., tuple[Tensor, Tensor]] = stack_pass,
+    bucket: int | None = None,
+    last_only: bool = False,
+) -> ModelOutput:
+    """Runs every pass over a chunk of tokens at positions ``[start, start + n)``.
+
+    Tokens before the chunk must already be in ``store`` (prefill, earlier decode steps).
+
+    Args:
+        model: a :class:`~zoo.model.RecurrentLM` (its parts are read, never changed).
+        input_ids: (B, n) token ids.
+        store: the keys and values, from ``model.cache.store(...)``.
+        start: position (and buffer column) of the chunk's first token.
+        step: training step for the policy's schedules (``None`` in inference).
+        sparse: compute only the tokens that run each pass, gathered into a
+            :class:`~zoo.layout.Selection` (with a cache strategy that does not freeze
+            halted tokens, every live token runs every pass); ``False``: the identity
+            layout, every token at every pass, halting by ``where``.
+        alive: (B,) bool rows to compute at all (decoding skips rows that finished);
+            needs ``sparse``.
+        compute: the pass function (:func:`stack_pass` or a compiled twin).
+        bucket: slot-count rounding for compiled passes (see :func:`zoo.layout.select`).
+        last_only: return logits for the chunk's last position only, (B, 1, V), as
+            generation needs.
+
+    Returns:
+        the chunk's :class:`ModelOutput`.
+    """
+    B, n = input_ids.shape
+    P = model.config.passes
+    policy, recurrence, cache = model.halting, model.recurrence, model.cache
+    device = input_ids.device
+    positions = torch.arange(start, start + n, device=device).expand(B, n)  # (B, n)
+    context_ids = None if sparse else input_ids  # per-token targets exist for whole sequences only
+
+    x = recurrence.initial(model.embed(input_ids))  # E^0, (B, n, d)
+    live = torch.ones(B, n, dtype=torch.bool, device=device)
+    if alive is not None:
+        live = live & alive[:, None]
+    mask = live  # m^0
+    # Cloned: a selection commits into the state in place.
+    state = {key: value.clone() for key, value in policy.init_state(mask).items()}
+    delta = partial(_delta, recurrence, model.embed.weight)
+    # With a freezing cache a token's output logits are those of the last pass it ran. A
+    # selection writes them when the token stops, from the logits that pass computed for the
+    # policy or the pondering update: the head never runs again for a halted token. The
+    # identity layout (and any run without per-pass logits, or with ACT's mix) runs the
+    # head once at the end.
+    per_pass_logits = recurrence.uses_logits or policy.uses_logits
+    keep_logits = sparse and per_pass_logits and not policy.mixes_outputs
+    first = n - 1 if last_only else 0  # chunk index of the output's column 0
+    hidden = mixed = logits = None
     masks, gates = [mask], []
     aux = x.new_zeros(())
-    kv_prev, hidden_prev = None, None
-    mixed = None
+
     for i in range(P):
-        last = i == P - 1
-        views = model.cache.dense_views(i, kv_prev, mask) if kv_prev is not None else [None] * len(model.layers)
-        h, kv_prev = run_stack(model.layers, x, rope, views)  # (B, T, d)
-        hidden = model.cache.merge_hidden(model.final_norm(h), hidden_prev, mask)
-        hidden_prev = hidden
-        need_logits = not last and (recurrence.uses_logits or policy.uses_logits)
-        logits = model.head(hidden) if need_logits else None
-        if last:
+        runs = mask if cache.freezes else live
+        part = select(runs, start, bucket) if sparse else Grid(start, n)
+        if part is None:  # no token runs this pass or any later one
+            for later in range(i, P):
+                store.skip(later, start, start + n)
             break
-        decision = policy.step(i, hidden, logits, mask, state, ctx)
-        state = decision.state if decision.state is not None else state
-        aux = aux + decision.aux_loss
+        active = part.active(mask)  # m^i on the layout
+        # The tokens that ran the pass, None when they are exactly the computed ones.
+        ran = None if cache.freezes and not part.computes_all else active
+        pos = part.gather(positions)
+        x_i = part.gather(x)
+        h_i, hidden_i = compute(model, x_i, model.rotary(pos), store.views(i, part, active))
+        # A freezing cache keeps a halted token's state of its last pass; recompute takes the new one.
+        hidden = part.commit(hidden, hidden_i, ran if cache.freezes else None)
+        if i == P - 1:
+            if keep_logits:  # the last pass's head runs for the wanted tokens alone
+                wanted = part.valid & (part.index >= first)
+                logits = part.write_logits(logits, hidden_i, wanted, n - first, first, model.head)
+            break
+        logits_i = model.head(hidden_i) if per_pass_logits else None
+        ctx = PassContext(pos, context_ids, step, P)
+        decision = step_policy(policy, i, hidden_i, logits_i, active, state, ctx, part, ran, x.dtype)
+        goes_on = decision.mask
+        if decision.aux_loss is not None:
+            aux = aux + decision.aux_loss
         if policy.mixes_outputs:
-            mixed = _accumulate(mixed, decision.weight, hidden)
-        delta = recurrence.delta(x, h, logits, model.embed.weight)
-        x = x + (decision.mask.to(x.dtype) * decision.gate)[..., None] * delta  # E^{i+1}
-        mask = decision.mask
+            term = decision.weight[..., None].to(hidden_i.dtype) * hidden_i
+            mixed = part.commit(mixed, term if mixed is None else part.gather(mixed) + term)
+        if keep_logits and cache.freezes:
+            stops = active & ~goes_on & (part.index >= first)
+            logits = part.write_logits(logits, logits_i, stops, n - first, first)
+        gate = decision.gate
+        # E^{i+1} = E^i + m^{i+1} s^i delta^i
+        scale = goes_on.to(x.dtype) * gate
+        step_i = part.direction(delta, x_i, h_i, logits_i, goes_on)
+        x = part.commit(x, x_i + scale[..., None] * step_i)
+        gates.append(part.commit(torch.ones_like(live, dtype=x.dtype), gate))
+        mask = part.commit(mask.clone(), goes_on)
         masks.append(mask)
-        gates.append(decision.gate)
 
-    gate_stack = torch.stack(gates) if gates else x.new_zeros(0, B, T)
-    mask_stack = torch.stack(masks)
-    final_weight, final_aux = policy.finish(gate_stack, mask_stack, state, ctx)
-    aux = aux + final_aux
+    while len(masks) < P:  # passes nobody ran (every token halted earlier)
+        masks.append(torch.zeros_like(live))
+    while len(gates) < P - 1:
+        gates.append(torch.ones_like(live, dtype=x.dtype))
+    mask_stack = torch.stack(masks)  # (P, B, n)
+    gate_stack = torch.stack(gates) if gates else x.new_zeros(0, B, n)
+    final_weight, final_aux = finish_policy(policy, gate_stack, mask_stack, state, PassContext(positions, context_ids, step, P))
+    if final_aux is not None:
+        aux = aux + final_aux
+    if hidden is None:  # no row ran at all
+        hidden = x.new_zeros(B, n, x.shape[-1])
     if policy.mixes_outputs:
-        hidden = _accumulate(mixed, final_weight, hidden)
-    return PassTrace(model.head(hidden), hidden, mask_stack, gate_stack, aux)
+        hidden = (0 if mixed is None else mixed) + final_weight[..., None].to(hidden.dtype) * hidden
+    if not keep_logits:
+        logits = model.head(hidden[:, first:])
+    elif logits is None:  # no row ran at all
+        logits = x.new_zeros(B, n - first, model.config.vocab_size)
+    return ModelOutput(logits, mask_stack.sum(0), aux, mask_stack, gate_stack)
 
 
-def _accumulate(total: Tensor | None, weight: Tensor, hidden: Tensor) -> Tensor:
-    term = weight[..., None].to(hidden.dtype) * hidden
-    return term if total is None else total + term
+@dataclass
+class Decision:
+    """A policy's step with the driver's bookkeeping applied (see :func:`step_policy`).
+
+    Attributes:
+        mask: ``m^{i+1}``: the policy's mask ANDed with the tokens that ran the pass.
+        gate: ``s^i``, 1 for tokens that did not run the pass (and for policies without a gate).
+        weight: the pass's output weight, 0 for tokens that did not run it; ``None`` unless
+            the policy returned one.
+        aux_loss: the policy's auxiliary loss, ``None`` for zero.
+    """
+
+    mask: Tensor
+    gate: Tensor
+    weight: Tensor | None
+    aux_loss: Tensor | None
+
+
+def step_policy(
+    policy: HaltingPolicy,
+    index: int,
+    hidden: Tensor,
+    logits: Tensor | None,
+    active: Tensor,
+    state: dict[str, Tensor],
+    ctx: PassContext,
+    part: Layout,
+    ran: Tensor | None,
+    dtype: torch.dtype,
+) -> Decision:
+    """Calls ``policy.step`` on a pass's tokens and applies the driver's bookkeeping.
+
+    The next mask is the policy's ANDed with ``active`` (monotone masks whatever the
+    policy returns); the state entries the policy returns are committed into ``state``
+    (in place, the dict) only for the tokens that ran; tokens that did not run get gate 1
+    and output weight 0; a missing gate is ones.
+
+    Args:
+        policy: the halting policy.
+        index: the pass just run.
+        hidden: (B', N, d) final-norm hidden states of the pass's tokens.
+        logits: (B', N, V) their logits, or ``None``.
+        active: (B', N) ``m^index`` on the layout.
+        state: the policy's per-token state on the chunk's (B, n) grid; updated in place.
+        ctx: the pass's context.
+        part: the layout of the pass's tokens.
+        ran: the tokens whose state is committed (``None``: every token of the layout).
+        dtype: the gate's dtype (the model's).
+    """
+    decision = policy.step(index, hidden, logits, active, _gather_state(part, state), ctx)
+    if decision.state is not None:
+        for key, value in decision.state.items():
+            if key not in state:
+                raise ValueError(
+                    f"halting policy {type(policy).__name__} returned state {key!r}, which its "
+                    f"init_state does not create ({sorted(state)}); create every state entry there"
+                )
+            state[key] = part.commit(state[key], value, ran)
+    if decision.gate is None:
+        gate = torch.ones_like(active, dtype=dtype)
+    else:
+        gate = torch.where(active, decision.gate.to(dtype), torch.ones_like(decision.gate, dtype=dtype))
+    weight = decision.weight
+    if weight is not None:
+        weight = torch.where(active, weight, torch.zeros_like(weight))
+    return Decision(active & decision.mask, gate, weight, decision.aux_loss)
+
+
+def finish_policy(
+    policy: HaltingPolicy, gates: Tensor, masks: Tensor, state: dict[str, Tensor], ctx: PassContext
+) -> tuple[Tensor | None, Tensor | None]:
+    """``policy.finish`` with the last pass's output weight zeroed for tokens that did not run it."""
+    weight, aux = policy.finish(gates, masks, state, ctx)
+    if weight is not None:
+        weight = torch.where(masks[-1], weight, torch.zeros_like(weight))
+    return weight, aux
+
+
+def run_dense(model: nn.Module, input_ids: Tensor, step: Tensor | None = None) -> ModelOutput:
+    """Dense execution of ``input_ids`` (B, T): every token runs every pass, halting by ``where``.
+
+    Static shapes and no host synchronisation, so it compiles with ``fullgraph=True``
+    (the function :func:`zoo.compile` compiles). ``model`` is a :class:`~zoo.model.RecurrentLM`.
+    """
+    B, T = input_ids.shape
+    store = model.cache.store("dense", model.config, B, T, model.embed.weight)
+    return run_passes(model, input_ids, store, step=step)
+
+
+def run_sparse(model: nn.Module, input_ids: Tensor, step: Tensor | None = None) -> ModelOutput:
+    """Sparse execution of ``input_ids`` (B, T): each pass computes only the tokens that run it."""
+    B, T = input_ids.shape
+    store = model.cache.store("sparse", model.config, B, T, model.embed.weight)
+    return run_passes(
+        model, input_ids, store, step=step, sparse=True, compute=model.pass_fn, bucket=model.slot_bucket
+    )
+
+
+def _delta(recurrence: Recurrence, embed_weight: Tensor, x: Tensor, h: Tensor, logits: Tensor | None) -> Tensor:
+    return recurrence.delta(x, h, logits, embed_weight)
+
+
+def _gather_state(part, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: part.gather(value) for key, value in state.items()}

@@ -5,35 +5,22 @@ its query heads, then its key, then its value, ``[kv_heads, q_per_kv + 2, head_d
 With ``kv_heads == num_heads`` this is GPT-NeoX's ``[heads, 3, head_dim]`` (not all Q,
 then all K, then all V). Attention itself is ``F.scaled_dot_product_attention``.
 
-What keys and values a query sees is decided by a :class:`KVView` that the cache strategy
-hands in: fresh causal attention, keys of halted tokens carried from an earlier pass, or
-a preallocated cache written at the new tokens' positions.
+What keys and values a query sees is decided by a :class:`~zoo.caches.base.KVView` that
+the cache strategy hands in: fresh causal attention, keys of halted tokens carried from an
+earlier pass, a preallocated cache written at the new tokens' columns, or the keys and
+values of an earlier pass (the layer then projects queries only).
 """
 
 from __future__ import annotations
-
-from abc import ABC, abstractmethod
 
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from zoo.blocks.rotary import apply_rotary
+from zoo.caches.base import KVView
 
-__all__ = ["Attention", "KVView"]
-
-
-class KVView(ABC):
-    """One layer's view of the keys and values for one pass (built by a cache strategy).
-
-    ``update`` receives the keys and values just computed for the queries of this call and
-    returns what to attend over: keys, values (B, H_kv, S, D), an optional boolean mask
-    (True = attend) broadcastable to (B, H, T, S), and whether plain causal masking applies.
-    """
-
-    @abstractmethod
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        """Merges new keys/values (B, H_kv, T, D) into this view; returns (k, v, mask, is_causal)."""
+__all__ = ["Attention"]
 
 
 class Attention(nn.Module):
@@ -61,18 +48,33 @@ class Attention(nn.Module):
         self, x: Tensor, rope: tuple[Tensor, Tensor], kv: KVView | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attends ``x`` (B, T, dim) causally; returns the output and the (k, v) attended over."""
-        qkv = rearrange(
-            self.qkv(x), "b t (g j d) -> b g j t d", j=self.q_per_kv + 2, d=self.head_dim
-        )  # (B, H_kv, q_per_kv + 2, T, D)
-        q = rearrange(qkv[:, :, : self.q_per_kv], "b g j t d -> b (g j) t d")  # (B, H, T, D)
-        k, v = qkv[:, :, -2], qkv[:, :, -1]  # (B, H_kv, T, D)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is None:
-            mask, causal = None, True
+        if kv is not None and not kv.projects_kv:  # the view holds every key and value
+            q = rearrange(self.project_queries(x), "b t (h d) -> b h t d", d=self.head_dim)  # (B, H, T, D)
+            k, v, mask, causal = kv.update(None, None)
+            q = apply_rotary(q, cos, sin)
         else:
-            k, v, mask, causal = kv.update(k, v)
+            qkv = rearrange(
+                self.qkv(x), "b t (g j d) -> b g j t d", j=self.q_per_kv + 2, d=self.head_dim
+            )  # (B, H_kv, q_per_kv + 2, T, D)
+            q = rearrange(qkv[:, :, : self.q_per_kv], "b g j t d -> b (g j) t d")  # (B, H, T, D)
+            k, v = qkv[:, :, -2], qkv[:, :, -1]  # (B, H_kv, T, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if kv is None:
+                mask, causal = None, True
+            else:
+                k, v, mask, causal = kv.update(k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.q_per_kv > 1
         )  # (B, H, T, D)
         return self.proj(rearrange(y, "b h t d -> b t (h d)")), (k, v)
+
+    def project_queries(self, x: Tensor) -> Tensor:
+        """The query part of the fused projection alone: (B, T, dim) -> (B, T, H * D)."""
+        rows = rearrange(self.qkv.weight, "(g j d) i -> g j d i", j=self.q_per_kv + 2, d=self.head_dim)
+        weight = rearrange(rows[:, : self.q_per_kv], "g j d i -> (g j d) i")  # (H * D, dim)
+        bias = None
+        if self.qkv.bias is not None:
+            bias = rearrange(self.qkv.bias, "(g j d) -> g j d", j=self.q_per_kv + 2, d=self.head_dim)
+            bias = rearrange(bias[:, : self.q_per_kv], "g j d -> (g j d)")
+        return F.linear(x, weight, bias)

@@ -1,43 +1,154 @@
-"""The cache-strategy interface: what halted tokens contribute to later passes."""
+"""The cache-strategy interface: where keys and values live, in every execution.
+
+Shape legend: B batch, T time, B' rows of a selection, N slots per row, H heads, H_kv
+key/value heads, D head dim, S buffer length, P passes.
+
+A cache strategy decides what a halted token contributes to later passes, and owns the
+storage that makes it so. For each execution it hands the driver a :class:`KVStore` (the
+keys and values of one forward, dense or sparse, or of one decode), and the store hands
+each pass one :class:`KVView` per layer: what that layer's attention reads and writes.
+The attention layer only ever talks to a view.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import Tensor
 
-from zoo.blocks.attention import KVView
+from zoo.config import ModelConfig
 
-__all__ = ["CacheStrategy"]
+if TYPE_CHECKING:
+    from zoo.layout import Layout
+
+__all__ = ["KVView", "KVStore", "CacheStrategy", "PassWork", "STORES", "causal_positions"]
 
 KV = tuple[Tensor, Tensor]
 
+STORES = ("dense", "sparse", "decode")
+
+
+class KVView(ABC):
+    """One layer's view of the keys and values for one pass (made by a :class:`KVStore`).
+
+    ``update`` receives the keys and values just computed for the queries of this call and
+    returns what to attend over: keys, values (B, H_kv, S, D), an optional boolean mask
+    (True = attend) broadcastable to (B, H, T, S), and whether plain causal masking applies.
+
+    Attributes:
+        projects_kv: the layer computes keys and values for its queries. ``False``: the
+            view supplies them all (the layer projects queries only, and ``update`` gets
+            ``None`` for ``k`` and ``v``).
+    """
+
+    projects_kv: bool = True
+
+    @abstractmethod
+    def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """Merges new keys/values (B, H_kv, T, D) into this view; returns (k, v, mask, is_causal)."""
+
+
+class KVStore(ABC):
+    """The keys and values of one forward (dense or sparse) or of one decode.
+
+    The driver asks it, at every pass, for the views the pass's layers read and write.
+    """
+
+    @abstractmethod
+    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
+        """The per-layer views of pass ``index`` (``None``: plain causal attention).
+
+        Args:
+            index: the pass about to run.
+            part: the tokens it computes (a :class:`~zoo.layout.Grid` in dense execution,
+                a :class:`~zoo.layout.Selection` otherwise).
+            active: (B', N) bool on ``part``, the tokens that run the pass (``m^index``);
+                with the identity layout the others are computed too, and discarded.
+        """
+
+    def skip(self, index: int, start: int, end: int) -> None:
+        """Pass ``index`` runs no token of the chunk at columns ``[start, end)``."""
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage the store holds now."""
+        return 0
+
+
+@dataclass(frozen=True)
+class PassWork:
+    """What one pass computes, in tokens and query-key pairs (for :mod:`zoo.flops`).
+
+    Attributes:
+        queries: tokens the pass computes (each: query projection, attention output
+            projection, MLP).
+        kv_tokens: tokens whose keys and values the pass projects.
+        keys: query-key pairs attended, summed over the queries.
+    """
+
+    queries: int
+    kv_tokens: int
+    keys: int
+
 
 class CacheStrategy(ABC):
-    """Decides which keys/values later passes see for halted tokens, and their outputs.
+    """Decides what halted tokens contribute to later passes, and keeps the keys and values.
 
-    Strategies hold no parameters; they turn the previous pass's keys/values and the
-    current mask into one :class:`~zoo.blocks.attention.KVView` per layer.
+    Strategies hold no parameters; they are registered with ``@CACHES.register(name)``.
 
     Class attributes:
-        freezes: a halted token is frozen entirely (its K/V, hidden state and logits are
-            those of its last active pass). Only such strategies allow sparse execution,
-            where halted tokens are not computed at all.
+        freezes: a halted token is frozen entirely (its keys and values as the strategy
+            says, its hidden state and logits those of its last active pass), so execution
+            may skip it: sparse execution and decoding compute only the tokens that run a
+            pass. Otherwise every token is computed at every pass.
     """
 
     freezes: ClassVar[bool] = False
 
     @abstractmethod
-    def dense_views(self, index: int, previous: list[KV] | None, mask: Tensor) -> list[KVView | None]:
-        """The per-layer views for dense pass ``index``.
+    def store(self, execution: str, config: ModelConfig, batch: int, length: int, like: Tensor) -> KVStore:
+        """The storage of one forward or decode.
 
         Args:
-            index: the pass about to run.
-            previous: per layer, the (k, v) the previous pass attended over (``None`` at pass 0).
-            mask: ``m^index`` (B, T) bool, tokens active at this pass.
+            execution: ``"dense"`` (the identity layout, every token every pass),
+                ``"sparse"`` (one forward over selections) or ``"decode"`` (prefill and the
+                decode steps, chunk after chunk).
+            config: the model config (layers, heads, passes).
+            batch: rows B.
+            length: positions S the store must hold.
+            like: a tensor giving device and dtype.
         """
 
-    @abstractmethod
-    def merge_hidden(self, hidden: Tensor, previous: Tensor | None, mask: Tensor) -> Tensor:
-        """The pass's final-norm hidden states (B, T, d) as the strategy defines them."""
+    def decode_bytes(
+        self, config: ModelConfig, batch: int, length: int, dtype: torch.dtype = torch.float32
+    ) -> int:
+        """Bytes the decode store of ``batch`` rows and ``length`` positions holds at most."""
+        return config.passes * kv_bytes(config, batch, _rounded(length), dtype)
+
+    def work(self, depth: Tensor, index: int) -> PassWork:
+        """What pass ``index`` computes when the tokens ran ``depth`` (B, T) passes.
+
+        The default: the tokens that run the pass (``depth > index``) compute it, project
+        their keys and values, and each attends to the ``t + 1`` keys up to its position
+        ``t`` (halted tokens' keys included).
+        """
+        runs = depth > index
+        return PassWork(int(runs.sum()), int(runs.sum()), int((runs * causal_positions(depth)).sum()))
+
+
+def causal_positions(depth: Tensor) -> Tensor:
+    """(T,) int64 ``t + 1``: the keys a query at position ``t`` sees under causal masking."""
+    return torch.arange(1, depth.shape[-1] + 1, dtype=torch.int64)
+
+
+def kv_bytes(config: ModelConfig, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of one key/value cache over every layer: ``layers * 2 * B * S * H_kv * D * itemsize``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * batch * length * config.kv_heads * config.head_dim * itemsize
+
+
+def _rounded(length: int) -> int:
+    """Decode buffers hold a multiple of 8 positions."""
+    return -(-length // 8) * 8

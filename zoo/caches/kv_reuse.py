@@ -5,28 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.blocks.attention import KVView
-from zoo.caches.base import KV, CacheStrategy
+from zoo.caches.base import KV, CacheStrategy, KVStore, KVView
+from zoo.caches.buffers import LayerBuffers, PassBuffers
+from zoo.config import ModelConfig
+from zoo.layout import Layout
 from zoo.registry import CACHES
 
-__all__ = ["KVReuse", "CarriedKV"]
-
-
-class CarriedKV(KVView):
-    """Dense view for one layer: ``K~^i = where(m^i, K^i, K~^{i-1})`` (same for V).
-
-    Args:
-        previous: (k, v) the layer attended over at the previous pass, (B, H_kv, T, D).
-        mask: ``m^i`` (B, T) bool.
-    """
-
-    def __init__(self, previous: KV, mask: Tensor) -> None:
-        self.previous = previous
-        self.keep = mask[:, None, :, None]  # (B, 1, T, 1)
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        k_prev, v_prev = self.previous
-        return torch.where(self.keep, k, k_prev), torch.where(self.keep, v, v_prev), None, True
+__all__ = ["KVReuse", "CarriedKV", "Carried"]
 
 
 @CACHES.register("kv_reuse")
@@ -38,16 +23,59 @@ class KVReuse(CacheStrategy):
     token's final hidden state (and so its logits), so that a halted token contributes
     nothing new: dense training and sparse inference then compute the same numbers, and
     sparse execution can skip halted tokens entirely.
+
+    Storage, by execution:
+
+    * dense: the previous pass's keys and values of every layer, merged with ``where``
+      (:class:`Carried`);
+    * sparse: one buffer per layer shared by the passes, where running tokens overwrite
+      their entries (:class:`~zoo.caches.buffers.LayerBuffers`): one dense cache;
+    * decode: one buffer per pass, a halted token's entries carried into the later passes'
+      buffers once (:class:`~zoo.caches.buffers.PassBuffers`):
+      ``passes * layers * 2 * B * S * H_kv * D`` elements.
     """
 
     freezes = True
 
-    def dense_views(self, index: int, previous: list[KV] | None, mask: Tensor) -> list[KVView | None]:
-        if previous is None:
-            return []
-        return [CarriedKV(kv, mask) for kv in previous]
+    def store(self, execution: str, config: ModelConfig, batch: int, length: int, like: Tensor) -> KVStore:
+        if execution == "dense":
+            return Carried(config.num_layers)
+        if execution == "sparse":
+            return LayerBuffers(config, batch, length, like)
+        return PassBuffers(config, batch, length, like, carry=True)
 
-    def merge_hidden(self, hidden: Tensor, previous: Tensor | None, mask: Tensor) -> Tensor:
-        if previous is None:
-            return hidden
-        return torch.where(mask[..., None], hidden, previous)
+
+class Carried(KVStore):
+    """Dense storage: per layer, the (k, v) the previous pass attended over.
+
+    Args:
+        num_layers: layers of the block stack.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.kv: list[KV | None] = [None] * num_layers
+
+    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
+        return [CarriedKV(self, layer, active) for layer in range(len(self.kv))]
+
+
+class CarriedKV(KVView):
+    """Dense view for one layer: ``K~^i = where(m^i, K^i, K~^{i-1})`` (same for V).
+
+    Args:
+        store: the :class:`Carried` keys and values (the previous pass's, or none yet).
+        layer: the layer's index in the store.
+        active: ``m^i`` (B, T) bool.
+    """
+
+    def __init__(self, store: Carried, layer: int, active: Tensor) -> None:
+        self.store = store
+        self.layer = layer
+        self.keep = active[:, None, :, None]  # (B, 1, T, 1)
+
+    def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        previous = self.store.kv[self.layer]
+        if previous is not None:
+            k, v = torch.where(self.keep, k, previous[0]), torch.where(self.keep, v, previous[1])
+        self.store.kv[self.layer] = (k, v)
+        return k, v, None, True

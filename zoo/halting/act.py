@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = ["ACT"]
@@ -99,32 +99,22 @@ class ACT(HaltingPolicy):
         prob = torch.sigmoid(self.units[index](hidden).squeeze(-1).float())  # h^i, (B, T)
         before = state["cumulative"]
         total = before + prob
-        halts = mask & (total >= 1.0 - self.epsilon)
-        next_mask = mask & ~halts
+        halts = total >= 1.0 - self.epsilon
         remainder = 1.0 - before
-        weight = torch.where(halts, remainder, torch.where(mask, prob, torch.zeros_like(prob)))
-        new_state = {
-            "cumulative": torch.where(next_mask, total, before),
+        state = {
+            "cumulative": torch.where(halts, before, total),  # frozen once the token halts
             "remainder": torch.where(halts, remainder, state["remainder"]),
         }
-        return HaltStep(
-            gate=torch.ones_like(mask, dtype=hidden.dtype),
-            mask=next_mask,
-            aux_loss=zero(hidden),
-            weight=weight,
-            state=new_state,
-        )
+        return HaltStep(mask=~halts, weight=torch.where(halts, remainder, prob), state=state)
 
     def finish(
         self, gates: Tensor, masks: Tensor, state: dict[str, Tensor], ctx: PassContext
     ) -> tuple[Tensor | None, Tensor]:
-        last = masks[-1]
-        rest = 1.0 - state["cumulative"]
-        final_weight = torch.where(last, rest, torch.zeros_like(rest))
-        remainder = torch.where(last, rest, state["remainder"])
+        rest = 1.0 - state["cumulative"]  # the last pass's weight (the driver zeroes it for halted tokens)
+        remainder = torch.where(masks[-1], rest, state["remainder"])
         ran = masks[0]  # tokens computed at all (decoding leaves finished rows out)
         cost = torch.where(ran, masks.sum(0).to(remainder.dtype) + remainder, torch.zeros_like(remainder))
-        return final_weight, self.tau * cost.sum() / ran.sum().clamp(min=1)
+        return rest, self.tau * cost.sum() / ran.sum().clamp(min=1)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -2,11 +2,20 @@
 
 A policy is a pure step function over one pass (flax's sampler keeps a ``done`` mask the
 same way): given the pass index, the pass's final-norm hidden states and logits, the
-current mask and the policy's own per-token state, it returns the gate values, the next
-mask and an auxiliary loss. The driver (:mod:`zoo.recurrence`) owns the loop.
+current mask and the policy's own per-token state, it says which tokens go on, and
+optionally a gate value, an auxiliary loss, an output weight and its new state. The
+driver (:func:`zoo.recurrence.run_passes`) owns the loop and the bookkeeping:
 
-Shapes: B batch, T time (or, in sparse execution, any selection of tokens laid out as
-(B', N)), d width, V vocabulary.
+* it ANDs the returned mask with the incoming one, ``m^{i+1} = m^i & mask``, so masks are
+  monotone whatever a policy returns (a halted token never resumes);
+* it keeps the state of tokens that did not run the pass, and gives them gate 1 and
+  output weight 0, whatever a policy returns for them;
+* it fills what a policy leaves out: no gate is a gate of ones, no auxiliary loss is zero.
+
+So ``HaltStep(mask=keep)`` is a complete answer.
+
+Shapes: B batch, T time (or, in sparse execution and decoding, any selection of tokens
+laid out as (B', N)), d width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
@@ -43,21 +51,31 @@ class PassContext:
 
 @dataclass
 class HaltStep:
-    """A policy's decision at pondering pass ``i``.
+    """A policy's decision after pondering pass ``i``; only ``mask`` is required.
 
     Attributes:
-        gate: ``s^i`` (B, T), scales the pondering update ``E += m * s * e`` (ones where the
-            policy has no gate value).
-        mask: ``m^{i+1}`` (B, T) bool, True for tokens that run pass ``i + 1``. Must imply
-            the incoming mask (monotone).
-        aux_loss: scalar added to the training loss (zero for most policies).
-        weight: ACT only: (B, T) weight of pass ``i``'s output in the final mix.
-        state: the policy's per-token state for the next call (dict of (B, T) tensors).
+        mask: (B, T) bool, True for tokens that may run pass ``i + 1``. The driver ANDs it
+            with the incoming mask: ``m^{i+1} = m^i & mask``.
+        gate: ``s^i`` (B, T), scales the pondering update ``E += m * s * e``. ``None`` (the
+            default) is a gate of ones; tokens that did not run the pass get 1 either way.
+        aux_loss: scalar added to the training loss; ``None`` (the default) is zero.
+        weight: for policies that mix the passes' outputs (ACT): (B, T) weight of pass
+            ``i``'s output in the final mix (0 for tokens that did not run the pass).
+        state: the policy's per-token state for the next call (dict of tensors whose first
+            dimensions are the tokens'); ``None`` keeps the state as it was. The driver
+            keeps the entries of tokens that did not run the pass.
+
+    Example:
+        >>> import torch
+        >>> from zoo.halting.base import HaltStep
+        >>> step = HaltStep(mask=torch.tensor([[True, False]]))
+        >>> step.gate is None and step.aux_loss is None   # ones and zero, filled by the driver
+        True
     """
 
-    gate: Tensor
     mask: Tensor
-    aux_loss: Tensor
+    gate: Tensor | None = None
+    aux_loss: Tensor | None = None
     weight: Tensor | None = None
     state: dict[str, Tensor] | None = None
 
@@ -98,6 +116,9 @@ class HaltingPolicy(nn.Module, ABC):
     ) -> HaltStep:
         """Decides after pass ``index`` (< P - 1) which tokens run pass ``index + 1``.
 
+        It is called on every token the driver computed (in dense execution, halted tokens
+        too); the driver only takes the answer of the tokens in ``mask``.
+
         Args:
             index: the pass just run, ``0 <= index < P - 1``.
             hidden: (B, T, d) final-norm hidden states of that pass.
@@ -114,17 +135,18 @@ class HaltingPolicy(nn.Module, ABC):
         """After the last pass: the last pass's output weight (ACT) and a pooled auxiliary loss.
 
         Args:
-            gates: (P - 1, B, T) gate values of every pondering pass.
+            gates: (P - 1, B, T) gate values of every pondering pass (1 where the token did
+                not run the pass).
             masks: (P, B, T) bool, ``m^0 .. m^{P-1}``.
             state: the policy's final state.
             ctx: as in :meth:`step`.
+
+        Returns:
+            (weight, aux_loss): the last pass's output weight (the driver zeroes it for
+            tokens that did not run the last pass), ``None`` unless the policy mixes
+            outputs; the auxiliary loss, ``None`` for zero. The default returns both ``None``.
         """
-        return None, gates.new_zeros(())
+        return None, None
 
     def reset_parameters(self) -> None:
         """Initialises the policy's own parameters (gates); the default has none."""
-
-
-def zero(like: Tensor) -> Tensor:
-    """A 0-d zero on ``like``'s device and dtype."""
-    return torch.zeros((), device=like.device, dtype=like.dtype)

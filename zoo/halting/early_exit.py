@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = ["EarlyExit", "MEASURES", "confidence"]
@@ -117,10 +117,10 @@ class EarlyExit(HaltingPolicy):
             raise ValueError("early_exit reads the pass's logits, but the driver passed none")
         score = confidence(logits.detach(), self.measure)  # (B, T)
         confident = score <= self.threshold if self.measure == "entropy" else score >= self.threshold
-        aux = zero(hidden)
+        aux = None
         if self.aux_weight > 0 and ctx.input_ids is not None and logits.shape[1] > 1:
             aux = self.aux_weight * _next_token_ce(logits, ctx.input_ids, mask) / max(self.passes - 1, 1)
-        return HaltStep(gate=torch.ones_like(mask, dtype=hidden.dtype), mask=mask & ~confident, aux_loss=aux)
+        return HaltStep(mask=~confident, aux_loss=aux)
 
 
 def confidence(logits: Tensor, measure: str) -> Tensor:

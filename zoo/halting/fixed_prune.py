@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = [
@@ -93,9 +93,7 @@ class FixedPrune(HaltingPolicy):
     ) -> HaltStep:
         fraction = pass_fraction(self.ratio, index, self.schedule)
         u = uniform_hash(self.seed, ctx.positions, index)  # (B, T) in [0, 1)
-        return HaltStep(
-            gate=torch.ones_like(mask, dtype=hidden.dtype), mask=mask & (u >= fraction), aux_loss=zero(hidden)
-        )
+        return HaltStep(mask=u >= fraction)
 
 
 def uniform_hash(seed: int, positions: Tensor, index: int) -> Tensor:

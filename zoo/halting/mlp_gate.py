@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = ["MLPGate", "bottom_k_mean"]
@@ -117,9 +117,7 @@ class MLPGate(HaltingPolicy):
         ctx: PassContext,
     ) -> HaltStep:
         score = torch.sigmoid(self.gates[index](hidden).squeeze(-1).float())  # s^i, (B, T)
-        next_mask = mask & (score >= self.threshold)
-        gate = torch.where(mask, score, torch.ones_like(score)).to(hidden.dtype)
-        return HaltStep(gate=gate, mask=next_mask, aux_loss=zero(hidden))
+        return HaltStep(gate=score.to(hidden.dtype), mask=score >= self.threshold)
 
     def finish(
         self, gates: Tensor, masks: Tensor, state: dict[str, Tensor], ctx: PassContext

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
+from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = ["NoHalting"]
@@ -31,4 +30,4 @@ class NoHalting(HaltingPolicy):
         state: dict[str, Tensor],
         ctx: PassContext,
     ) -> HaltStep:
-        return HaltStep(gate=torch.ones_like(mask, dtype=hidden.dtype), mask=mask, aux_loss=zero(hidden))
+        return HaltStep(mask=mask)
