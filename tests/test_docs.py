@@ -128,6 +128,8 @@ def _restore_registries():
 
 
 def _module_name(path: Path) -> str:
+    if path.parent == TUTORIAL.parent:  # as a reader imports it: ``import kl_halting``
+        return path.stem
     return "docs_" + "_".join(path.relative_to(DOCS).with_suffix("").parts)
 
 
@@ -148,21 +150,35 @@ def load_file(path: Path):
 
 @pytest.mark.parametrize("page", runnable_pages())
 def test_page_examples_run(page: str, tmp_path, monkeypatch) -> None:
-    """Each python block of the page runs, in order, in one namespace."""
+    """Each python block of the page runs, in order, in one namespace.
+
+    Parts the page registers (and files it imports) leave with it, so that a page that
+    lists ``zoo.available(...)`` sees the same parts whatever pages ran before it.
+    """
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__docs__"}
-    for block in python_blocks((ROOT / page).read_text(), page):
-        if not block.run:
-            continue
-        try:
-            if block.include is not None:
-                module = load_file(block.include)
-                namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
-            else:
-                exec(compile(block.code, block.where, "exec"), namespace)
-        except Exception:
-            pytest.fail(f"{block.where} failed:\n{block.code}\n{traceback.format_exc()}", pytrace=False)
+    registered = {kind: dict(reg._entries) for kind, reg in REGISTRIES.items()}
+    loaded = set(_LOADED)
+    try:
+        for block in python_blocks((ROOT / page).read_text(), page):
+            if not block.run:
+                continue
+            try:
+                if block.include is not None:
+                    module = load_file(block.include)
+                    namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+                else:
+                    exec(compile(block.code, block.where, "exec"), namespace)
+            except Exception:
+                pytest.fail(f"{block.where} failed:\n{block.code}\n{traceback.format_exc()}", pytrace=False)
+    finally:
+        for kind, reg in REGISTRIES.items():
+            reg._entries.clear()
+            reg._entries.update(registered[kind])
+        for path in set(_LOADED) - loaded:
+            sys.modules.pop(_module_name(path), None)
+            del _LOADED[path]
 
 
 def test_collector_reads_fences_markers_and_snippets() -> None:
