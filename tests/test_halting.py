@@ -31,9 +31,14 @@ from zoo.testing import run_policy
 VOCAB = 512  # the tiny presets' vocabulary
 
 
-def tiny(halting: str = "none", passes: int = 4, cache: str = "kv_reuse", **kwargs) -> zoo.RecurrentLM:
-    torch.manual_seed(0)
-    return zoo.build("ponder-pythia-tiny", halting=halting, passes=passes, cache=cache, halting_kwargs=kwargs)
+@pytest.fixture
+def tiny(tiny_model):
+    """Factory: ``tiny(halting, passes, cache, **halting_kwargs)``, a tiny model as initialised."""
+
+    def build(halting: str = "none", passes: int = 4, cache: str = "kv_reuse", **kwargs) -> zoo.RecurrentLM:
+        return tiny_model(halting, kwargs, passes=passes, cache=cache, sharpen=1.0)
+
+    return build
 
 
 def ids(B: int = 2, T: int = 16, seed: int = 1) -> torch.Tensor:
@@ -56,7 +61,7 @@ def test_all_policies_registered():
 # mlp_gate ---------------------------------------------------------------------------------
 
 
-def test_mlp_gate_has_one_unshared_gate_per_pondering_pass():
+def test_mlp_gate_has_one_unshared_gate_per_pondering_pass(tiny):
     model = tiny("mlp_gate", passes=4, hidden_mult=3)
     gates = model.halting.gates
     assert isinstance(gates, torch.nn.ModuleList) and len(gates) == 3
@@ -70,7 +75,7 @@ def test_mlp_gate_has_one_unshared_gate_per_pondering_pass():
     assert not torch.equal(gates[0][0].weight, gates[1][0].weight)
 
 
-def test_mlp_gate_init_is_truncated_normal_with_open_bias():
+def test_mlp_gate_init_is_truncated_normal_with_open_bias(tiny):
     model = tiny("mlp_gate", passes=3)
     std = model.config.std
     for gate in model.halting.gates:
@@ -136,7 +141,7 @@ def test_bottom_k_floor_is_exact_for_round_products():
     assert bottom_k_mean(values, active, torch.tensor(0.1)).item() == pytest.approx((0 + 1 + 2) / 90)
 
 
-def test_mlp_gate_aux_loss_in_model_follows_schedule_and_trains_gates():
+def test_mlp_gate_aux_loss_in_model_follows_schedule_and_trains_gates(tiny):
     model = tiny("mlp_gate", passes=3, warmup_steps=5, ramp_steps=10, lam=0.1, k_max=0.1)
     x = ids(B=2, T=32)
     assert model(x, execution="dense", step=3).aux_loss.item() == 0.0  # warm-up
@@ -164,12 +169,12 @@ def test_mlp_gate_aux_loss_in_model_follows_schedule_and_trains_gates():
         (dict(ramp_steps=1.5), "ramp_steps"),
     ],
 )
-def test_mlp_gate_rejects_bad_kwargs(kwargs, word):
+def test_mlp_gate_rejects_bad_kwargs(kwargs, word, tiny):
     with pytest.raises(ValueError, match=word):
         tiny("mlp_gate", passes=2, **kwargs)
 
 
-def test_unknown_kwarg_names_the_policy():
+def test_unknown_kwarg_names_the_policy(tiny):
     with pytest.raises(ValueError, match="halting_kwargs"):
         tiny("mlp_gate", passes=2, tau=0.1)
 
@@ -222,7 +227,7 @@ def test_fixed_prune_decisions_are_a_function_of_seed_position_pass():
     assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.05
 
 
-def test_fixed_prune_in_model_is_identical_across_rows_and_content():
+def test_fixed_prune_in_model_is_identical_across_rows_and_content(tiny):
     model = tiny("fixed_prune", passes=4, ratio=0.4, seed=3)
     a = model(ids(B=3, T=64, seed=1), execution="dense")
     b = model(ids(B=1, T=64, seed=2), execution="dense")
@@ -244,7 +249,7 @@ def test_fixed_prune_in_model_is_identical_across_rows_and_content():
         (dict(seed=1.5), "seed"),
     ],
 )
-def test_fixed_prune_rejects_bad_kwargs(kwargs, word):
+def test_fixed_prune_rejects_bad_kwargs(kwargs, word, tiny):
     with pytest.raises(ValueError, match=word):
         tiny("fixed_prune", passes=2, **kwargs)
 
@@ -285,7 +290,7 @@ def test_act_matches_hand_computation():
     assert aux.item() == pytest.approx(0.1 * (depth + remainders).mean().item(), rel=1e-5)
 
 
-def test_act_gradient_reaches_units_through_remainder_and_mix():
+def test_act_gradient_reaches_units_through_remainder_and_mix(tiny):
     model = tiny("act", passes=3, tau=0.5, bias_init=0.0)
     out = model(ids(), execution="dense")
     assert bool(((out.depth >= 1) & (out.depth <= 3)).all()) and bool((out.gates == 1).all())
@@ -294,7 +299,7 @@ def test_act_gradient_reaches_units_through_remainder_and_mix():
         assert unit.weight.grad is not None and unit.weight.grad.abs().sum() > 0
 
 
-def test_act_that_halts_at_once_is_the_first_pass():
+def test_act_that_halts_at_once_is_the_first_pass(tiny):
     model = tiny("act", passes=3, tau=0.25, bias_init=20.0)
     single = zoo.build("ponder-pythia-tiny", passes=1, cache="kv_reuse")
     single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("halting")})
@@ -305,7 +310,7 @@ def test_act_that_halts_at_once_is_the_first_pass():
     assert out.aux_loss.item() == pytest.approx(0.25 * (1 + 1))  # tau * (N + R), R = 1
 
 
-def test_act_that_never_halts_is_the_last_pass():
+def test_act_that_never_halts_is_the_last_pass(tiny):
     # h ~ 2e-9 at every pass: the last pass carries all the weight, as in plain PonderLM
     model = tiny("act", passes=3, bias_init=-20.0)
     plain = tiny("none", passes=3)
@@ -325,7 +330,7 @@ def test_act_that_never_halts_is_the_last_pass():
         (dict(bias_init="1"), "bias_init"),
     ],
 )
-def test_act_rejects_bad_kwargs(kwargs, word):
+def test_act_rejects_bad_kwargs(kwargs, word, tiny):
     with pytest.raises(ValueError, match=word):
         tiny("act", passes=2, **kwargs)
 
@@ -402,7 +407,7 @@ def test_early_exit_aux_cross_entropy_matches_reference():
         )
 
 
-def test_early_exit_aux_loss_trains_intermediate_passes():
+def test_early_exit_aux_loss_trains_intermediate_passes(tiny):
     model = tiny("early_exit", passes=3, threshold=1.0, aux_weight=1.0)  # threshold 1: nobody exits
     x = ids()
     out = model(x, execution="dense")
@@ -420,7 +425,7 @@ def test_early_exit_aux_loss_trains_intermediate_passes():
         (dict(aux_weight=-1.0), "aux_weight"),
     ],
 )
-def test_early_exit_rejects_bad_kwargs(kwargs, word):
+def test_early_exit_rejects_bad_kwargs(kwargs, word, tiny):
     with pytest.raises(ValueError, match=word):
         tiny("early_exit", passes=2, **kwargs)
 
@@ -478,7 +483,7 @@ def test_policy_compiles_without_breaks_or_recompiles_across_steps(name, kwargs)
         ("early_exit", dict(threshold=0.002, aux_weight=0.1)),
     ],
 )
-def test_dense_model_with_policy_compiles_once_across_steps(name, kwargs):
+def test_dense_model_with_policy_compiles_once_across_steps(name, kwargs, tiny):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()

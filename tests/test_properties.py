@@ -26,10 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
-from zoo.caches.base import KVView
+from zoo.caches.base import Fresh, KVView
 from zoo.caches.buffers import PassBuffers
 from zoo.caches.kv_reuse import KVReuse
-from zoo.caches.recompute import Fresh
 from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
 from zoo.halting.fixed_prune import SCHEDULES, halt_fractions
 from zoo.registry import CACHES, HALTING, REGISTRIES
@@ -160,22 +159,6 @@ def registered():
         reg._entries.update(saved[kind])
 
 
-@pytest.mark.parametrize(
-    "policy, prop",
-    [
-        (_TopHalf, "causal"),
-        (_BatchMean, "row-independent"),
-        (_Coin, "deterministic"),
-        (_FirstHalf, "decoding == full forward|dense == sparse"),
-        (_Infinite, "gradients finite"),
-    ],
-)
-def test_the_kit_names_the_property_a_policy_breaks(policy, prop, registered):
-    HALTING.add("broken", policy)
-    with pytest.raises(AssertionError, match=rf"property '({prop})' fails for halting 'broken'"):
-        check_policy("broken", examples=10)
-
-
 def test_a_policy_that_resumes_tokens_is_made_monotone(registered):
     """The driver ANDs the incoming mask: dense, sparse and decoding agree."""
     HALTING.add("flicker", _Flicker)
@@ -209,18 +192,24 @@ class _Greedy(KVReuse):
 
 
 @pytest.mark.parametrize(
-    "cache, prop",
+    "kind, part, prop",
     [
-        (_NoCarry, "decoding == full forward"),
-        (_Unmerged, "dense == sparse"),
-        (_Greedy, "decode memory within decode_bytes"),
+        ("halting", _TopHalf, "causal"),
+        ("halting", _BatchMean, "row-independent"),
+        ("halting", _Coin, "deterministic"),
+        ("halting", _FirstHalf, "decoding == full forward|dense == sparse"),
+        ("halting", _Infinite, "gradients finite"),
+        ("cache", _NoCarry, "decoding == full forward"),
+        ("cache", _Unmerged, "dense == sparse"),
+        ("cache", _Greedy, "decode memory within decode_bytes"),
     ],
 )
-def test_the_kit_names_the_property_a_cache_breaks(cache, prop, registered):
-    CACHES.add("broken", cache)
-    with pytest.raises(AssertionError, match=rf"property '{prop}' fails for cache 'broken'"):
-        check_cache("broken", examples=10)
-    assert prop in PROPERTIES
+def test_the_kit_names_the_property_a_part_breaks(kind, part, prop, registered):
+    REGISTRIES[kind].add("broken", part)
+    check = check_policy if kind == "halting" else check_cache
+    with pytest.raises(AssertionError, match=rf"property '({prop})' fails for {kind} 'broken'"):
+        check("broken", examples=10)
+    assert all(name in PROPERTIES for name in prop.split("|"))
 
 
 # The strategies ------------------------------------------------------------------------------
@@ -549,16 +538,17 @@ def test_one_pass_with_unit_embedding_scale_is_gpt_neox(halting, data, recurrenc
     initial_mult=st.floats(1.0, 3.0),
     seed=st.integers(0, 2**16),
 )
-def test_ponder_without_halting_is_the_pondering_loop(passes, block, cache, embed_scale, initial_mult, seed):
-    torch.manual_seed(seed)
-    extra = dict(block="llama", rotary_fraction=1.0, num_kv_heads=2) if block == "llama" else {}
-    model = zoo.build(
-        "ponder-pythia-tiny",
-        passes=passes,
+def test_ponder_without_halting_is_the_pondering_loop(
+    passes, block, cache, embed_scale, initial_mult, seed, tiny_model
+):
+    model = tiny_model(
         cache=cache,
+        passes=passes,
+        block=block,
+        seed=seed,
+        sharpen=1.0,
         embed_scale=embed_scale,
         initial_embed_mult=initial_mult,
-        **extra,
     )
     ids = random_ids(seed, 2, 12)
     with torch.no_grad():

@@ -42,14 +42,9 @@ class Layout(ABC):
         valid: (B', N) bool, False for padding slots (``None``: every slot is a token).
         computes_all: every token of the chunk is computed, whichever run the pass (the
             identity); otherwise only the tokens the layout was built from.
-        writes_logits: the driver writes a token's output logits when it stops, from the
-            logits its last pass computed anyway, instead of running the head once more at
-            the end (worth it when the head runs on few tokens; a ``where`` over (B, n, V)
-            per pass is not).
     """
 
     computes_all: ClassVar[bool] = False
-    writes_logits: ClassVar[bool] = False
     start: int
     end: int
     valid: Tensor | None
@@ -81,18 +76,6 @@ class Layout(ABC):
         Only the tokens that go on (``goes_on``) use it; the identity computes it for all.
         """
         return delta(x, h, logits)
-
-    def write_logits(
-        self,
-        out: Tensor | None,
-        values: Tensor,
-        which: Tensor,
-        columns: int,
-        first: int = 0,
-        head: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """Writes the logits of the slots ``which`` into ``out`` (B, columns, V); see :class:`Selection`."""
-        raise NotImplementedError(f"{type(self).__name__} computes the output logits once, at the end")
 
 
 class Grid(Layout):
@@ -140,7 +123,6 @@ class Selection(Layout):
         bucket: the slot rounding of compiled passes' static layout (see :func:`select`).
     """
 
-    writes_logits: ClassVar[bool] = True
     computes_all: ClassVar[bool] = False
     rows: Tensor
     index: Tensor

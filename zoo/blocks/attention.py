@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from zoo.blocks.linear import Linear, linear
 from zoo.blocks.rotary import apply_rotary
 from zoo.caches.base import KVView
 
@@ -41,8 +42,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.q_per_kv = num_heads // kv_heads
         self.rotary_dims = rotary_dims
-        self.qkv = nn.Linear(dim, (num_heads + 2 * kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias)
+        self.qkv = Linear(dim, (num_heads + 2 * kv_heads) * self.head_dim, bias=bias)
+        self.proj = Linear(num_heads * self.head_dim, dim, bias=bias)
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], kv: KVView | None = None
@@ -77,4 +78,4 @@ class Attention(nn.Module):
         if self.qkv.bias is not None:
             bias = rearrange(self.qkv.bias, "(g j d) -> g j d", j=self.q_per_kv + 2, d=self.head_dim)
             bias = rearrange(bias[:, : self.q_per_kv], "g j d -> (g j d)")
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)

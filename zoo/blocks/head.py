@@ -14,8 +14,9 @@ another order: float32 rounding apart, the results are equal.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from zoo.blocks.linear import Linear
 
 __all__ = ["VocabHead", "expected_embedding", "FAST_ROWS", "FAST_MIN_NUMEL"]
 
@@ -36,14 +37,14 @@ def takes_fast_path(rows: int, x: Tensor, weight: Tensor, min_rows: int = 1) -> 
     )
 
 
-class VocabHead(nn.Linear):
+class VocabHead(Linear):
     """``logits = h W^T``, W (V, d): an ``nn.Linear`` without bias, with a decoding fast path.
 
     For 2 to :data:`FAST_ROWS` rows (see the module) the product is computed as
     ``(W h^T)^T``, which MKL serves with a kernel 1.4-2.6x faster than that of ``h W^T``
     with W row-major, and returned contiguous. A single row gains nothing (the
     matrix-vector kernel is the same either way), and from about 64 rows the plain form
-    is as fast. Every other call is ``F.linear``.
+    is as fast. Every other call is :class:`~zoo.blocks.linear.Linear`'s.
     """
 
     def __init__(self, dim: int, vocab_size: int) -> None:
@@ -52,7 +53,7 @@ class VocabHead(nn.Linear):
     def forward(self, h: Tensor) -> Tensor:
         rows = h.numel() // max(h.shape[-1], 1)
         if not takes_fast_path(rows, h, self.weight, min_rows=2):
-            return F.linear(h, self.weight)
+            return super().forward(h)
         logits = torch.mm(self.weight, h.reshape(rows, h.shape[-1]).T).T.contiguous()  # (rows, V)
         return logits.view(*h.shape[:-1], self.weight.shape[0])
 

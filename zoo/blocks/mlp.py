@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.blocks.linear import Linear
+
 __all__ = ["GeluMLP", "SwiGLU"]
 
 
@@ -21,8 +23,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = True, approximate: str = "none") -> None:
         super().__init__()
-        self.fc_in = nn.Linear(dim, hidden_dim, bias=bias)
-        self.fc_out = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fc_in = Linear(dim, hidden_dim, bias=bias)
+        self.fc_out = Linear(hidden_dim, dim, bias=bias)
         self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
@@ -40,8 +42,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
-        self.fc_out = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fc_in = Linear(dim, 2 * hidden_dim, bias=bias)  # [gate; up]
+        self.fc_out = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.fc_in(x).chunk(2, dim=-1)

@@ -24,7 +24,17 @@ from zoo.config import ModelConfig
 if TYPE_CHECKING:
     from zoo.layout import Layout
 
-__all__ = ["KVView", "KVStore", "CacheStrategy", "PassWork", "STORES", "causal_positions"]
+__all__ = [
+    "KVView",
+    "KVStore",
+    "Fresh",
+    "PerLayer",
+    "CacheStrategy",
+    "PassWork",
+    "STORES",
+    "causal_positions",
+    "kv_bytes",
+]
 
 KV = tuple[Tensor, Tensor]
 
@@ -75,6 +85,38 @@ class KVStore(ABC):
     def nbytes(self) -> int:
         """Bytes of key/value storage the store holds now."""
         return 0
+
+
+class Fresh(KVStore):
+    """Plain causal attention over each pass's own keys and values; nothing is kept.
+
+    Args:
+        num_layers: layers of the block stack.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+
+    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
+        return [None] * self.num_layers
+
+
+class PerLayer(KVStore):
+    """Dense storage of one (k, v) per layer, which each pass's view reads and may replace.
+
+    Args:
+        num_layers: layers of the block stack.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.kv: list[KV | None] = [None] * num_layers
+
+    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
+        return [self.view(index, layer, active) for layer in range(len(self.kv))]
+
+    @abstractmethod
+    def view(self, index: int, layer: int, active: Tensor) -> KVView:
+        """The view of ``layer`` at pass ``index``; ``active`` is ``m^index`` (B, T)."""
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.caches.base import KV, CacheStrategy, KVStore, KVView
+from zoo.caches.base import CacheStrategy, KVStore, KVView, PerLayer
 from zoo.caches.buffers import LayerBuffers, PassBuffers
 from zoo.config import ModelConfig
-from zoo.layout import Layout
 from zoo.registry import CACHES
 
 __all__ = ["KVReuse", "CarriedKV", "Carried"]
@@ -45,18 +44,15 @@ class KVReuse(CacheStrategy):
         return PassBuffers(config, batch, length, like, carry=True)
 
 
-class Carried(KVStore):
+class Carried(PerLayer):
     """Dense storage: per layer, the (k, v) the previous pass attended over.
 
     Args:
         num_layers: layers of the block stack.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.kv: list[KV | None] = [None] * num_layers
-
-    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
-        return [CarriedKV(self, layer, active) for layer in range(len(self.kv))]
+    def view(self, index: int, layer: int, active: Tensor) -> KVView:
+        return CarriedKV(self, layer, active)
 
 
 class CarriedKV(KVView):

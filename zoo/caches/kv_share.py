@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.caches.base import KV, CacheStrategy, KVStore, KVView, PassWork, _rounded, causal_positions, kv_bytes
+from zoo.caches.base import CacheStrategy, KVStore, KVView, PassWork, PerLayer, _rounded, causal_positions, kv_bytes
 from zoo.caches.buffers import LayerBuffers
 from zoo.config import ModelConfig
-from zoo.layout import Layout
 from zoo.registry import CACHES
 
 __all__ = ["KVShare", "SharedKV", "FirstPass"]
@@ -57,18 +56,15 @@ class KVShare(CacheStrategy):
         return PassWork(queries, queries if index == 0 else 0, int((runs * causal_positions(depth)).sum()))
 
 
-class FirstPass(KVStore):
+class FirstPass(PerLayer):
     """Dense storage: per layer, the (k, v) of pass 0.
 
     Args:
         num_layers: layers of the block stack.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.kv: list[KV | None] = [None] * num_layers
-
-    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
-        return [SharedKV(self, layer, index == 0) for layer in range(len(self.kv))]
+    def view(self, index: int, layer: int, active: Tensor) -> KVView:
+        return SharedKV(self, layer, index == 0)
 
 
 class SharedKV(KVView):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from zoo.caches.base import CacheStrategy, KVStore, KVView
+from zoo.caches.base import CacheStrategy, Fresh, KVStore
 from zoo.caches.buffers import LayerBuffers, PassBuffers
 from zoo.config import ModelConfig
-from zoo.layout import Layout
 from zoo.registry import CACHES
 
-__all__ = ["Recompute", "Fresh"]
+__all__ = ["Recompute"]
 
 
 @CACHES.register("recompute")
@@ -36,17 +35,3 @@ class Recompute(CacheStrategy):
         if execution == "sparse":  # every token runs: one buffer, rewritten by every pass
             return LayerBuffers(config, batch, length, like)
         return PassBuffers(config, batch, length, like, carry=False)
-
-
-class Fresh(KVStore):
-    """Plain causal attention over each pass's own keys and values; nothing is kept.
-
-    Args:
-        num_layers: layers of the block stack.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-
-    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
-        return [None] * self.num_layers

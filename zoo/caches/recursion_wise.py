@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.caches.base import KV, CacheStrategy, KVStore, KVView, PassWork, _rounded
+from zoo.caches.base import KV, CacheStrategy, Fresh, KVStore, KVView, PassWork, _rounded
 from zoo.caches.buffers import BufferView
 from zoo.config import ModelConfig
 from zoo.layout import Layout, Selection
@@ -28,8 +28,11 @@ class RecursionWise(CacheStrategy):
 
     * dense: an attention mask per pass, causal and restricted to the running keys
       (:class:`ActiveKeys`);
-    * sparse: nothing at all: the running tokens, gathered in position order, attend
-      causally among themselves, so pass ``i`` costs attention over its own tokens only;
+    * sparse: nothing at all (:class:`~zoo.caches.base.Fresh`): a
+      :class:`~zoo.layout.Selection` lists each row's running tokens first, in position
+      order, and padding after them, so plain causal attention over the gathered slots is
+      attention over the running tokens up to each query: pass ``i`` costs attention over
+      its own tokens only;
     * decode: per pass, the keys and values of the tokens that ran it, packed per row in
       position order (:class:`PackedBuffers`). Pass ``i``'s buffer holds
       ``C_i = max_b n_i(b) + M`` entries per row, ``n_i(b)`` the prompt tokens of row
@@ -44,8 +47,8 @@ class RecursionWise(CacheStrategy):
     def store(self, execution: str, config: ModelConfig, batch: int, length: int, like: Tensor) -> KVStore:
         if execution == "dense":
             return ActiveKeysStore(config.num_layers)
-        if execution == "sparse":
-            return Gathered(config.num_layers)
+        if execution == "sparse":  # the gathered tokens attend causally among themselves
+            return Fresh(config.num_layers)
         return PackedBuffers(config, batch, length, like)
 
     def work(self, depth: Tensor, index: int) -> PassWork:
@@ -56,21 +59,17 @@ class RecursionWise(CacheStrategy):
         return PassWork(queries, queries, int(keys.sum()))
 
 
-class ActiveKeysStore(KVStore):
+class ActiveKeysStore(Fresh):
     """Dense storage: no keys are kept, only the mask of the running ones per pass.
 
     Args:
         num_layers: layers of the block stack.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-
     def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
         if index == 0:  # every token runs pass 0: plain causal attention
-            return [None] * self.num_layers
-        view = ActiveKeys(active)
-        return [view] * self.num_layers
+            return super().views(index, part, active)
+        return [ActiveKeys(active)] * self.num_layers
 
 
 class ActiveKeys(KVView):
@@ -93,24 +92,6 @@ class ActiveKeys(KVView):
 
     def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
         return k, v, self.mask, False
-
-
-class Gathered(KVStore):
-    """Sparse storage: nothing; a pass's gathered tokens attend causally among themselves.
-
-    A :class:`~zoo.layout.Selection` lists each row's running tokens first, in position
-    order, and padding after them, so plain causal attention over the slots is attention
-    over the running tokens up to each query.
-
-    Args:
-        num_layers: layers of the block stack.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-
-    def views(self, index: int, part: Layout, active: Tensor) -> list[KVView | None]:
-        return [None] * self.num_layers
 
 
 class PackedBuffers(KVStore):

@@ -110,17 +110,7 @@ def check_policy(
         kwargs = st.just(dict(halting_kwargs))
     else:
         kwargs = halting_kwargs
-    cases = st.fixed_dictionaries(
-        {
-            "halting": st.just(name),
-            "halting_kwargs": kwargs,
-            "cache": st.sampled_from(caches),
-            "recurrence": st.sampled_from(list(recurrences)),
-            "passes": st.integers(2, 4),
-            "block": st.sampled_from(sorted(BLOCK_OVERRIDES)),
-            "seed": st.integers(0, 2**16),
-        }
-    )
+    cases = _cases(st.just(name), kwargs, st.sampled_from(caches), recurrences)
     return _run(f"halting {name!r}", cases, examples)
 
 
@@ -162,17 +152,7 @@ def check_cache(
     policies = dict(HALTING_EXAMPLES if policies is None else policies)
     _registered(HALTING, policies)
     cases = st.sampled_from(sorted(policies)).flatmap(
-        lambda halting: st.fixed_dictionaries(
-            {
-                "halting": st.just(halting),
-                "halting_kwargs": st.just(dict(policies[halting])),
-                "cache": st.just(name),
-                "recurrence": st.sampled_from(list(recurrences)),
-                "passes": st.integers(2, 4),
-                "block": st.sampled_from(sorted(BLOCK_OVERRIDES)),
-                "seed": st.integers(0, 2**16),
-            }
-        )
+        lambda halting: _cases(st.just(halting), st.just(dict(policies[halting])), st.just(name), recurrences)
     )
     return _run(f"cache {name!r}", cases, examples, memory=True)
 
@@ -202,6 +182,23 @@ def check_model(model: RecurrentLM, input_ids: torch.Tensor, case: str = "", mem
 
 
 # Running cases ------------------------------------------------------------------------------
+
+
+def _cases(
+    halting: st.SearchStrategy, kwargs: st.SearchStrategy, cache: st.SearchStrategy, recurrences: Iterable[str]
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Keyword arguments of :func:`~zoo.testing.strategies.tiny_model`, drawn."""
+    return st.fixed_dictionaries(
+        {
+            "halting": halting,
+            "halting_kwargs": kwargs,
+            "cache": cache,
+            "recurrence": st.sampled_from(list(recurrences)),
+            "passes": st.integers(2, 4),
+            "block": st.sampled_from(sorted(BLOCK_OVERRIDES)),
+            "seed": st.integers(0, 2**16),
+        }
+    )
 
 
 def _run(subject: str, cases: st.SearchStrategy, examples: int, memory: bool = False) -> CheckReport:
