@@ -22,6 +22,13 @@ def build_model(
 ) -> RecurrentLM:
     """Constructs the model ``config`` describes, with fresh (PonderLM-style) weights.
 
+    Under one ``torch.manual_seed`` every model of the same shape gets the same backbone
+    weights (embedding, layers, norms, head) whatever its halting policy or recurrence: the
+    backbone is initialised before the policy's own parameters, and building the modules
+    draws nothing from the global generator. Comparisons between variants are thus paired.
+    (The output projections are scaled by ``1 / sqrt(2 * layers * passes)``, so models with
+    different ``passes`` share the draws, not the scale.)
+
     Args:
         config: the model config.
         device: where to allocate; ``"meta"`` builds without memory (weights are not
@@ -32,7 +39,13 @@ def build_model(
     policy_cls = HALTING.get(config.halting)
     try:
         halting = None
-        with torch.device(device) if device is not None else nullcontext():
+        # Construction draws nothing from the global generator (fork_rng restores it), so the
+        # weights come from reset_parameters alone, backbone first: under one seed every
+        # variant of a shape gets the same backbone draws, whatever its policy or recurrence.
+        with (
+            torch.random.fork_rng(devices=_cuda_devices(device)),
+            torch.device(device) if device is not None else nullcontext(),
+        ):
             layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
             halting = policy_cls(config, **config.halting_kwargs)
             model = RecurrentLM(
@@ -56,6 +69,14 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _cuda_devices(device: torch.device | str | None) -> list[int]:
+    """The CUDA device whose generator building on ``device`` would draw from (none on CPU)."""
+    if device is None or torch.device(device).type != "cuda":
+        return []
+    index = torch.device(device).index
+    return [torch.cuda.current_device() if index is None else index]
 
 
 def build(
