@@ -159,13 +159,22 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from its name: ``"byte"`` or a ``tokenizer.json`` path (file or folder).
+    """A tokenizer from its name: ``"byte"``, ``"stdlib-bpe-<vocab_size>"`` (the BPE trained on the
+    standard library's source, :func:`zoo.corpora.stdlib_tokenizer`) or a ``tokenizer.json``
+    path (file or folder).
 
     Raises:
-        ValueError: ``spec`` is neither.
+        ValueError: ``spec`` is none of these.
     """
     if str(spec) == "byte":
         return ByteTokenizer()
+    if str(spec).startswith("stdlib-bpe-"):
+        from zoo.corpora import stdlib_tokenizer
+
+        size = str(spec).removeprefix("stdlib-bpe-")
+        if not size.isdigit():
+            raise ValueError(f"tokenizer {str(spec)!r}: the size after 'stdlib-bpe-' must be an int, e.g. stdlib-bpe-2048")
+        return stdlib_tokenizer(int(size))
     if not Path(spec).exists():
         raise ValueError(
             f"tokenizer {str(spec)!r} is neither 'byte' nor an existing tokenizer.json file or folder"
@@ -386,14 +395,22 @@ def load_corpus(
     """(train, validation) streams from a data spec, the form recipes take on the command line.
 
     Args:
-        data: ``"embedded"`` (the CPython documentation corpus, split by topic), a ``.bin``
+        data: ``"embedded"`` (the CPython documentation corpus, split by topic), ``"stdlib"``
+            (the standard library's source, split by file, tokenized once and cached:
+            :mod:`zoo.corpora`), a ``.bin``
             file (pre-tokenized; ``tokenizer`` unused), or text/jsonl files or a folder of them.
         tokenizer: tokenizes text sources.
         val_data: a separate validation source of the same kinds; without it the last
-            ``val_fraction`` of ``data`` is held out (the embedded corpus has its own split).
+            ``val_fraction`` of ``data`` is held out (the embedded and stdlib corpora have
+            their own splits).
         val_fraction: share of the tokens held out when ``val_data`` is not given.
         dtype: token dtype of ``.bin`` files (see :func:`load_bin`).
     """
+
+    if str(data) == "stdlib" and val_data is None:
+        from zoo.corpora import stdlib_streams
+
+        return stdlib_streams(tokenizer)
 
     def one(spec: str | os.PathLike, split: str) -> TokenStream:
         if str(spec) == EMBEDDED:
