@@ -269,3 +269,20 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     _check_fields(overrides)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["dim=128", "halting=act", 'halting_kwargs={"ratio": 0.3}']`` as a dict of fields.
+
+    Values are JSON when they parse as JSON, plain strings otherwise.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not FIELD=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

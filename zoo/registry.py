@@ -117,3 +117,11 @@ def available(kind: str) -> list[str]:
     if kind not in REGISTRIES:
         raise ValueError(f"unknown registry kind {kind!r}; valid kinds: {', '.join(REGISTRIES)}")
     return REGISTRIES[kind].names()
+
+
+def import_plugins(modules) -> None:
+    """Imports each module named in ``modules`` (parts registered outside the library)."""
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)

@@ -108,6 +108,9 @@ class TrainConfig:
         eval_windows: validation windows per evaluation.
         train_only: name prefixes of the parameters to train (e.g. ``("halting.",)`` for
             the gates alone); empty trains everything.
+        halting_lr_scale: the halting policy's parameters (names ``halting.*``: gates, ACT
+            units) follow the same schedule at this multiple of ``lr``.
+        halting_weight_decay: their weight decay (matrices only); ``None`` means ``weight_decay``.
         step_offset: added to the step the model's schedules see (``model(ids, step=...)``),
             for a run that continues an earlier stage.
         compile: compile the dense forward with :func:`zoo.compile`.
@@ -136,6 +139,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_windows: int = 16
     train_only: tuple[str, ...] = ()
+    halting_lr_scale: float = 1.0
+    halting_weight_decay: float | None = None
     step_offset: int = 0
     compile: bool = False
     precision: str = "auto"
@@ -162,6 +167,12 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(
                 f"TrainConfig: lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}"
+            )
+        if not (isinstance(self.halting_lr_scale, (int, float)) and 0 <= self.halting_lr_scale < math.inf):
+            raise ValueError(f"TrainConfig.halting_lr_scale must be a finite number >= 0, got {self.halting_lr_scale!r}")
+        if self.halting_weight_decay is not None and not 0 <= self.halting_weight_decay < math.inf:
+            raise ValueError(
+                f"TrainConfig.halting_weight_decay must be a finite number >= 0 or None, got {self.halting_weight_decay!r}"
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(
@@ -267,20 +278,26 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, weight decay on matrices (2-D and up) only.
 
+    The halting policy's parameters (``halting.*``) get groups of their own, with
+    ``halting_lr_scale`` (stored as each group's ``lr_scale``, which :func:`train` applies
+    to the scheduled rate) and ``halting_weight_decay``.
+
     Raises:
         ValueError: ``train_only`` matches no parameter.
     """
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+            groups.setdefault((name.startswith("halting."), param.dim() >= 2), []).append(param)
+    if not groups:
         raise ValueError(f"no trainable parameters (train_only={config.train_only!r} matches none)")
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    halting_decay = config.weight_decay if config.halting_weight_decay is None else config.halting_weight_decay
+    param_groups = []
+    for (halting, matrix), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        decay = (halting_decay if halting else config.weight_decay) if matrix else 0.0
+        scale = config.halting_lr_scale if halting else 1.0
+        param_groups.append({"params": params, "weight_decay": decay, "lr_scale": scale})
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -541,7 +558,8 @@ def train(
 
     Writes ``<out_dir>/metrics.jsonl`` (one JSON object per step: ``step`` (1-based count of
     updates done), ``loss`` (cross-entropy), ``aux_loss``, ``lr``, ``depth`` (mean passes per
-    token), ``grad_norm``, ``tokens``, ``tokens_per_s``, and ``val_loss`` at evaluation steps)
+    token), ``effective_depth`` (gate-weighted passes, as in :class:`zoo.analysis.EvalReport`),
+    ``grad_norm``, ``tokens``, ``tokens_per_s``, and ``val_loss`` at evaluation steps)
     and checkpoints under ``<out_dir>/checkpoints``.
 
     Args:
@@ -635,9 +653,9 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(i, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             step_t = torch.tensor(i + config.step_offset, device=ctx.device)
-            stats = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # ce, aux, depth
+            stats = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # ce, aux, depth, effective depth
             for j, rows in enumerate(_micro_rows(ctx.rank, accum, micro)):
                 batch = torch.from_numpy(sampler.batch(i, rows)).to(ctx.device)
                 inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -649,14 +667,15 @@ def train(
                         ce = lm_loss(out.logits, targets)
                         loss = ce + out.aux_loss.float()
                     (loss / accum).backward()
+                taken = (out.masks[1:] * out.gates.detach()).sum(0).float().mean() if out.gates.numel() else 0.0
                 stats += torch.stack(
-                    [ce.detach(), out.aux_loss.detach().float(), out.depth.float().mean()]
+                    [ce.detach(), out.aux_loss.detach().float(), out.depth.float().mean(), 1.0 + taken]
                 ).double()
             stats /= accum
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
-            ce_value, aux_value, depth_value = stats.tolist()
+            ce_value, aux_value, depth_value, effective_value = stats.tolist()
             grad_norm = _clip(model, config.grad_clip)
             if not (math.isfinite(ce_value) and math.isfinite(aux_value) and math.isfinite(grad_norm)):
                 bar.close()
@@ -683,6 +702,7 @@ def train(
                 "aux_loss": aux_value,
                 "lr": lr,
                 "depth": depth_value,
+                "effective_depth": effective_value,
                 "grad_norm": grad_norm,
                 "tokens": done * tokens_per_step,
                 "tokens_per_s": tokens_per_step / elapsed,

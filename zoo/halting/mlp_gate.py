@@ -5,13 +5,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy, HaltStep, PassContext, zero
 from zoo.registry import HALTING
 
-__all__ = ["MLPGate", "bottom_k_mean"]
+__all__ = ["MLPGate", "bottom_k_mean", "hinge_loss", "PAPER", "LOSSES", "POOLS", "SELECTIONS"]
+
+LOSSES = ("bottom_k", "hinge")
+POOLS = ("all", "per_gate")
+SELECTIONS = ("gate", "nll")
+
+PAPER = dict(loss="bottom_k", pool="all", select="gate", detach=False, open_warmup=False)
+"""The paper's form of gate training (``halting_kwargs={**PAPER, ...}``)."""
 
 
 @HALTING.register("mlp_gate")
@@ -80,6 +88,12 @@ class MLPGate(HaltingPolicy):
         lam: float = 0.1,
         warmup_steps: int = 0,
         ramp_steps: int = 0,
+        loss: str = "bottom_k",
+        pool: str = "all",
+        select: str = "gate",
+        detach: bool = False,
+        open_warmup: bool = False,
+        open_logit: float = 0.0,
     ) -> None:
         super().__init__(config)
         _check_number("threshold", threshold, 0.0, 1.0)
@@ -94,18 +108,48 @@ class MLPGate(HaltingPolicy):
         _check_number("lam", lam, 0.0, math.inf)
         _check_int("warmup_steps", warmup_steps, 0)
         _check_int("ramp_steps", ramp_steps, 0)
+        _check_choice("loss", loss, LOSSES)
+        _check_choice("pool", pool, POOLS)
+        _check_choice("select", select, SELECTIONS)
+        for name, value in (("detach", detach), ("open_warmup", open_warmup)):
+            if not isinstance(value, bool):
+                raise ValueError(f"mlp_gate: {name} must be True or False, got {value!r}")
+        if select == "nll" and loss != "hinge":
+            raise ValueError(
+                "mlp_gate: select='nll' chooses which tokens the hinge loss teaches to halt; "
+                "use it with loss='hinge' (loss='bottom_k' always pushes the gates' own smallest values)"
+            )
+        if isinstance(open_logit, bool) or not isinstance(open_logit, (int, float)) or not math.isfinite(open_logit):
+            raise ValueError(f"mlp_gate: open_logit must be a finite number, got {open_logit!r}")
+        if threshold == 0.0 and loss == "hinge":
+            raise ValueError("mlp_gate: loss='hinge' pushes gates below the threshold; it must be > 0")
         self.threshold = float(threshold)
         self.bias_init = float(bias_init)
         self.k_max = float(k_max)
         self.lam = float(lam)
         self.warmup_steps = warmup_steps
         self.ramp_steps = ramp_steps
+        self.loss = loss
+        self.pool = pool
+        self.select = select
+        self.detach = detach
+        self.open_warmup = open_warmup
+        self.open_logit = float(open_logit)
+        # select='nll' ranks tokens by the pass's own next-token loss: the head must run.
+        self.uses_logits = select == "nll"
         self.std = config.std
         width = hidden_mult * config.dim
         self.gates = nn.ModuleList(
             nn.Sequential(nn.Linear(config.dim, width), nn.GELU(), nn.Linear(width, 1))
             for _ in range(max(config.passes - 1, 0))
         )
+
+    def init_state(self, mask: Tensor) -> dict[str, Tensor]:
+        """The hinge loss keeps each pass's gate logit and selection score until :meth:`finish`."""
+        if self.loss != "hinge":
+            return {}
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return {f"{kind}{i}": zeros for i in range(len(self.gates)) for kind in ("logit", "score")}
 
     def step(
         self,
@@ -116,17 +160,48 @@ class MLPGate(HaltingPolicy):
         state: dict[str, Tensor],
         ctx: PassContext,
     ) -> HaltStep:
-        score = torch.sigmoid(self.gates[index](hidden).squeeze(-1).float())  # s^i, (B, T)
+        gate_input = hidden.detach() if self.detach else hidden
+        logit = self.gates[index](gate_input).squeeze(-1).float()  # (B, T)
+        score = torch.sigmoid(logit)  # s^i
         next_mask = mask & (score >= self.threshold)
+        if self.open_warmup and ctx.step is not None:
+            # Stage 1 is plain PonderLM: every token goes on with an unscaled update, and the
+            # gates get no gradient from the cross-entropy.
+            held = ctx.step < self.warmup_steps
+            score = torch.where(held, torch.ones_like(score), score)
+            next_mask = torch.where(held, mask, next_mask)
         gate = torch.where(mask, score, torch.ones_like(score)).to(hidden.dtype)
-        return HaltStep(gate=gate, mask=next_mask, aux_loss=zero(hidden))
+        new_state = None
+        if self.loss == "hinge":
+            new_state = dict(state)
+            new_state[f"logit{index}"] = logit
+            new_state[f"score{index}"] = logit.detach() if self.select == "gate" else _next_token_nll(logits, ctx)
+        return HaltStep(gate=gate, mask=next_mask, aux_loss=zero(hidden), state=new_state)
 
     def finish(
         self, gates: Tensor, masks: Tensor, state: dict[str, Tensor], ctx: PassContext
     ) -> tuple[Tensor | None, Tensor]:
         if gates.shape[0] == 0:
             return None, gates.new_zeros((), dtype=torch.float32)
-        loss = bottom_k_mean(gates, masks[:-1], self.k_fraction(ctx.step, device=gates.device))
+        fraction = self.k_fraction(ctx.step, device=gates.device)
+        active = masks[:-1]  # (P - 1, B, T): gate i's pool is the tokens that ran pass i
+        if self.loss == "bottom_k":
+            if self.pool == "all":
+                loss = bottom_k_mean(gates, active, fraction)
+            else:
+                loss = torch.stack([bottom_k_mean(g, a, fraction) for g, a in zip(gates, active)]).mean()
+            return None, self.lam * loss
+        if self.select == "nll":
+            if ctx.input_ids is None:  # no targets (sparse execution, decoding): nothing to train
+                return None, gates.new_zeros((), dtype=torch.float32)
+            active = active.clone()
+            active[..., -1] = False  # the last position's target lies outside the window
+        logits = torch.stack([state[f"logit{i}"] for i in range(gates.shape[0])])  # (P - 1, B, T)
+        scores = torch.stack([state[f"score{i}"] for i in range(gates.shape[0])])
+        halt_logit = math.log(self.threshold) - math.log1p(-self.threshold) if self.threshold < 1 else math.inf
+        loss = hinge_loss(
+            logits, scores, active, fraction, halt_logit, per_gate=self.pool == "per_gate", open_logit=self.open_logit
+        )
         return None, self.lam * loss
 
     def k_fraction(self, step: int | Tensor | None, device: torch.device | str | None = None) -> Tensor:
@@ -186,6 +261,85 @@ def bottom_k_mean(values: Tensor, active: Tensor, fraction: Tensor) -> Tensor:
     rank = torch.arange(ordered.numel(), device=ordered.device, dtype=torch.float64)
     chosen = torch.where(rank < k, ordered, torch.zeros_like(ordered))
     return chosen.sum() / k.clamp(min=1.0).to(torch.float32)
+
+
+def hinge_loss(
+    logits: Tensor,
+    scores: Tensor,
+    active: Tensor,
+    fraction: Tensor,
+    halt_logit: float,
+    per_gate: bool = True,
+    margin: float = 1.0,
+    open_logit: float = 0.0,
+) -> Tensor:
+    """Two-sided hinge on gate logits that makes ``fraction`` of the active tokens halt.
+
+    The ``k = floor(fraction * n)`` active entries of smallest ``scores`` (per gate, or pooled
+    over the gates) are pushed below ``halt_logit - margin`` (so that they halt), every other
+    active entry up to ``open_logit`` (0: gate value 0.5 or more, so that it goes on)::
+
+        loss = mean over active of  relu(z - halt_logit + margin)   if chosen
+                                    relu(open_logit - z)            otherwise
+
+    Unlike the bottom-k mean of the sigmoid values, whose gradient ``s (1 - s)`` vanishes
+    exactly where a gate must cross a small threshold, each term has a unit gradient until
+    its target is met, and entries that already meet it add nothing: the halted fraction is
+    ``fraction``, whatever the cross-entropy does. Static shapes throughout (sorts and
+    comparisons), so it compiles without graph breaks. Zero when ``k = 0``.
+
+    Args:
+        logits: (G, B, T) gate logits ``z`` (the pre-sigmoid output), with gradient.
+        scores: (G, B, T) what ranks the tokens (the detached logits, or a difficulty such as
+            the pass's next-token loss: the easiest are chosen to halt).
+        active: (G, B, T) bool, the entries in the pool.
+        fraction: 0-d tensor in ``[0, 1]``.
+        halt_logit: ``logit(threshold)``.
+        per_gate: choose ``k`` of each gate's active tokens (``True``) or of the pool of every
+            gate together.
+        margin: how far below the threshold the chosen logits are pushed.
+        open_logit: the logit the other entries are pushed up to.
+
+    Returns:
+        a float32 0-d tensor.
+    """
+    G = logits.shape[0]
+    rows = G if per_gate else 1
+    pool = torch.where(active, scores.float(), torch.full_like(scores, math.inf, dtype=torch.float32))
+    pool = pool.reshape(rows, -1)  # (G, B*T) or (1, G*B*T)
+    ordered = pool.sort(dim=-1).values  # active entries first, ascending
+    n_active = active.reshape(rows, -1).sum(-1, keepdim=True).to(torch.float64)  # (rows, 1)
+    k = torch.floor(fraction.to(torch.float64) * n_active).to(torch.int64)
+    kth = ordered.gather(-1, (k - 1).clamp(min=0))  # the k-th smallest score of each row
+    chosen = (pool <= kth) & (k > 0)
+    chosen = chosen.reshape(active.shape) & active
+    z = logits.float()
+    terms = torch.where(chosen, F.relu(z - (halt_logit - margin)), F.relu(open_logit - z))
+    total = torch.where(active, terms, torch.zeros_like(terms)).sum()
+    loss = total / active.sum().clamp(min=1).to(torch.float32)
+    return torch.where(k.sum() > 0, loss, torch.zeros_like(loss))
+
+
+def _next_token_nll(logits: Tensor | None, ctx: PassContext) -> Tensor:
+    """(B, T) detached next-token loss of the pass's logits; 0 where there is no target.
+
+    Targets are ``ctx.input_ids`` shifted by one, so the last position has none; without ids
+    aligned with the logits (sparse execution, decoding) every entry is 0.
+    """
+    if logits is None or ctx.input_ids is None or tuple(ctx.input_ids.shape) != tuple(logits.shape[:2]):
+        shape = logits.shape[:2] if logits is not None else ctx.positions.shape
+        return torch.zeros(shape, dtype=torch.float32, device=ctx.positions.device)
+    B, T = ctx.input_ids.shape
+    with torch.no_grad():
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ctx.input_ids[:, 1:].flatten(), reduction="none"
+        ).view(B, T - 1)
+    return F.pad(nll, (0, 1))
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"mlp_gate: {name} must be one of {choices}, got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float) -> None:
