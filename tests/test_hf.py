@@ -174,6 +174,7 @@ PLAIN_REFUSALS = [
     ("pythia-tiny", dict(embed_scale=2.0), "GPT-NeoX", "embed_scale"),
     ("pythia-tiny", dict(num_kv_heads=2), "GPT-NeoX", "num_kv_heads"),
     ("pythia-tiny", dict(bias=False), "GPT-NeoX", "bias=False"),
+    ("pythia-tiny", dict(cache="kv_reuse"), "GPT-NeoX", "cache='kv_reuse'"),
     ("pythia-tiny", dict(block="llama"), "Llama", "rotary_fraction=0.25"),
     ("ponder-pythia-tiny", dict(block="llama", rotary_fraction=1.0), "Llama", "recurrence='ponder'"),
 ]

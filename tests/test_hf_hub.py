@@ -186,6 +186,8 @@ def test_local_paths_stay_local(tmp_path, hf_folder):
         zoo.from_hf(folder, revision="main")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         zoo.from_hf(str(tmp_path / "no" / "such" / "folder"))  # not spelled like an id
+    with pytest.raises(ValueError, match="is a file"):
+        zoo.from_hf(str(folder / "config.json"))
 
 
 @pytest.mark.slow

@@ -139,6 +139,8 @@ def _resolve(
     if isinstance(path_or_id, str) and not local.exists() and hub.is_hub_id(path_or_id):
         folder = hub.snapshot(path_or_id, revision=revision, cache_dir=cache_dir)
         return folder, f"the Hub repository {path_or_id!r} (revision {revision or 'main'!r})"
+    if local.is_file():
+        raise ValueError(f"{local} is a file; a Hugging Face checkpoint is a folder (config.json + weights)")
     if not local.is_dir():
         raise FileNotFoundError(f"Hugging Face checkpoint folder {local} does not exist")
     if revision is not None or cache_dir is not None:
@@ -225,11 +227,12 @@ def to_hf(model: RecurrentLM, path: str | os.PathLike, *, remote_code: bool | No
     A one-pass model that transformers expresses natively stays plain: a ``neox`` model
     becomes a ``GPTNeoXForCausalLM`` folder, a ``llama`` model (``rotary_fraction=1``) a
     ``LlamaForCausalLM`` one. Any other model (ponder or loop recurrence, a halting
-    policy, scaled embeddings, ...) gets remote code: ``config.json`` with an ``auto_map``,
-    ``configuration_ponder_zoo.py`` and ``modeling_ponder_zoo.py``, which rebuild it with
-    the installed ponder-zoo library, and a ``README.md`` model card that says so, with
-    the ponder-zoo version. Load it with ``AutoModelForCausalLM.from_pretrained(path,
-    trust_remote_code=True)``, or back in this library with :func:`from_hf`.
+    policy, a cache strategy other than ``recompute``, scaled embeddings, ...) gets remote
+    code: ``config.json`` with an ``auto_map``, ``configuration_ponder_zoo.py`` and
+    ``modeling_ponder_zoo.py``, which rebuild it with the installed ponder-zoo library, and
+    a ``README.md`` model card that says so, with the ponder-zoo version. Load it with
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``, or back in this
+    library with :func:`from_hf`.
 
     Weights are ``model.safetensors`` in the model's dtype; the folder is written
     atomically.

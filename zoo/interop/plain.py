@@ -33,6 +33,8 @@ def refusals(config: ModelConfig, name: str, block: str) -> list[str]:
         )
     if config.halting != "none":
         reasons.append(f"halting={config.halting!r} ({name} has no halting policy or gate parameters)")
+    if config.cache != "recompute":
+        reasons.append(f"cache={config.cache!r} (a {name} folder has no cache strategy to record)")
     if config.embed_scale != 1.0 or config.initial_embed_mult != 1.0:
         reasons.append(
             f"embed_scale={config.embed_scale} and initial_embed_mult={config.initial_embed_mult} "
