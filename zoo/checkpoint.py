@@ -47,6 +47,7 @@ __all__ = [
     "StoredTensor",
     "index_safetensors",
     "load_into",
+    "misfit",
     "materialize",
     "model_tensors",
     "FORMAT",
@@ -286,17 +287,7 @@ def load_into(
         if n in targets and tuple(targets[n].shape) != s.shape
     ]
     if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing tensors: {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-        if misshaped:
-            problems.append(f"tensors with the wrong shape: {'; '.join(misshaped)}")
-        raise ValueError(
-            f"{source} does not fit the model ({model.config.block}, {model.config.num_layers} layers, "
-            f"dim {model.config.dim}): " + " | ".join(problems)
-        )
+        raise misfit(model, source, missing, unexpected, misshaped)
     by_file: dict[Path, list[tuple[str, StoredTensor]]] = {}
     for name, where in stored.items():
         by_file.setdefault(where.file, []).append((name, where))
@@ -311,6 +302,23 @@ def load_into(
                     ) from None
                 targets[name].copy_(value)
     return sorted(n for n in targets if n not in stored)
+
+
+def misfit(
+    model: RecurrentLM, source: str, missing: list[str], unexpected: list[str], misshaped: list[str]
+) -> ValueError:
+    """The error for stored tensors that do not fit ``model``: every problem, listed."""
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"tensors with the wrong shape: {'; '.join(misshaped)}")
+    return ValueError(
+        f"{source} does not fit the model ({model.config.block}, {model.config.num_layers} layers, "
+        f"dim {model.config.dim}): " + " | ".join(problems)
+    )
 
 
 # Save / load -------------------------------------------------------------------------------
