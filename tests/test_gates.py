@@ -146,10 +146,10 @@ def test_options_are_checked():
         (dict(loss="l2"), "loss"),
         (dict(pool="rows"), "pool"),
         (dict(select="entropy"), "select"),
-        (dict(select="nll"), "select='nll'"),
+        (dict(loss="bottom_k", select="nll"), "select='nll'"),
         (dict(detach=1), "detach"),
         (dict(open_warmup="yes"), "open_warmup"),
-        (dict(loss="hinge", threshold=0.0), "threshold"),
+        (dict(open_logit=float("inf")), "open_logit"),
     ]:
         with pytest.raises(ValueError, match=word):
             gated(**kwargs)
@@ -260,3 +260,16 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_training_logs_the_effective_depth_for_any_pass_count(tmp_path):
+    from zoo.train import read_metrics
+
+    stream = TokenStream(np.arange(4000, dtype=np.uint16) % 500, "toy")
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, progress=False)
+    for name in ("pythia-tiny", "adaponder-pythia-tiny"):
+        torch.manual_seed(0)
+        train(zoo.build(name), stream, cfg, tmp_path / name)
+        row = read_metrics(tmp_path / name)[0]
+        assert 1.0 <= row["effective_depth"] <= row["depth"]
+    assert read_metrics(tmp_path / "pythia-tiny")[0]["effective_depth"] == 1.0

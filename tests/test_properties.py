@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
+from zoo.halting.mlp_gate import PAPER
 from zoo.halting.base import PassContext
 from zoo.halting.fixed_prune import SCHEDULES, halt_fractions
 from zoo.registry import HALTING
@@ -316,7 +317,9 @@ def test_act_weights_sum_to_one(passes, bias, epsilon, scale, seed):
 )
 def test_bottom_k_loss_equals_sorted_reference(depth_list, fraction, lam, seed):
     P = 4
-    policy = HALTING.get("mlp_gate")(zoo.preset("ponder-pythia-tiny", passes=P), k_max=fraction, lam=lam)
+    policy = HALTING.get("mlp_gate")(
+        zoo.preset("ponder-pythia-tiny", passes=P), k_max=fraction, lam=lam, **PAPER
+    )
     depth = torch.tensor(depth_list)[None]  # (1, T)
     masks = torch.stack([depth > i for i in range(P)])  # (P, 1, T), monotone
     gates = torch.rand(

@@ -12,7 +12,8 @@ from zoo.caches.decode import DecodeCache, decode_cache_bytes
 # Settings under which each policy halts some tokens and not others on a fresh tiny model.
 PARTIAL = {
     "none": {},
-    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0},
+    # select="gate": the NLL-ranked form's halting loss needs the targets, a training quantity.
+    "mlp_gate": {"threshold": 0.5, "bias_init": 0.0, "select": "gate"},
     "fixed_prune": {"ratio": 0.4},
     "act": {"bias_init": 0.0},
     "early_exit": {"measure": "margin", "threshold": 0.001},

@@ -667,7 +667,7 @@ def train(
                         ce = lm_loss(out.logits, targets)
                         loss = ce + out.aux_loss.float()
                     (loss / accum).backward()
-                taken = (out.masks[1:] * out.gates.detach()).sum(0).float().mean() if out.gates.numel() else 0.0
+                taken = (out.masks[1:] * out.gates.detach()).sum(0).float().mean()  # 0 for one pass
                 stats += torch.stack(
                     [ce.detach(), out.aux_loss.detach().float(), out.depth.float().mean(), 1.0 + taken]
                 ).double()
