@@ -37,13 +37,14 @@ from safetensors.torch import save_file
 from zoo.build import build_model
 from zoo.checkpoint import (
     StoredTensor,
-    atomic_write,
     index_safetensors,
+    is_hf_checkpoint,
     load_into,
     materialize,
     model_tensors,
+    write_folder,
 )
-from zoo.config import ModelConfig
+from zoo.config import ModelConfig, parse_hf_config
 from zoo.model import RecurrentLM
 
 __all__ = ["from_hf", "to_hf", "hf_config_to_fields", "hf_to_zoo_name", "zoo_to_hf_name"]
@@ -250,7 +251,7 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
         )
     if not isinstance(data, dict):
         raise ValueError(f"{config_file} must hold a JSON object")
-    return data
+    return parse_hf_config(data, config_file)
 
 
 def from_hf(
@@ -333,7 +334,7 @@ def _map_names(index: dict[str, StoredTensor], folder: Path, config: ModelConfig
 # Writing ----------------------------------------------------------------------------------
 
 
-def to_hf(model: RecurrentLM, path: str | os.PathLike) -> Path:
+def to_hf(model: RecurrentLM, path: str | os.PathLike, *, allow_other_files: bool = False) -> Path:
     """Writes a dense single-pass ``neox`` model as a Hugging Face GPT-NeoX folder.
 
     ``GPTNeoXForCausalLM.from_pretrained(path)`` then computes the same logits. The
@@ -345,9 +346,13 @@ def to_hf(model: RecurrentLM, path: str | os.PathLike) -> Path:
             ``halting="none"``, ``embed_scale=1``, ``initial_embed_mult=1``, biases, and as
             many key/value heads as query heads.
         path: the output folder.
+        allow_other_files: write beside files that are not these two (a ``tokenizer.json``,
+            a ``README.md``); they are kept. Without it such a folder is refused, listed.
 
     Raises:
-        ValueError: the model cannot be expressed as GPT-NeoX (the message says why).
+        ValueError: the model cannot be expressed as GPT-NeoX (the message says why), or the
+            folder holds files this write may not replace or write beside
+            (:func:`zoo.checkpoint.write_folder`).
     """
     if not isinstance(model, RecurrentLM):
         raise ValueError(f"zoo.to_hf expects a zoo RecurrentLM, got {type(model).__name__}")
@@ -377,7 +382,15 @@ def to_hf(model: RecurrentLM, path: str | os.PathLike) -> Path:
 
     tensors = {zoo_to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in model_tensors(model).items()}
     dtype = model.embed.weight.dtype
-    with atomic_write(path, directory=True) as tmp:
-        save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_hf_config(config, dtype), indent=2) + "\n")
+    write_folder(
+        path,
+        {
+            "config.json": lambda f: f.write_text(json.dumps(_hf_config(config, dtype), indent=2) + "\n"),
+            SAFETENSORS_FILE: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+        },
+        writer="zoo.to_hf",
+        owns=is_hf_checkpoint,
+        allow_other_files=allow_other_files,
+        conflicts=(SAFETENSORS_INDEX, "model-*-of-*.safetensors"),
+    )
     return Path(path)
