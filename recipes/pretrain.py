@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="a ModelConfig field, plain or JSON: dim=128, halting=act, 'halting_kwargs={\"threshold\": 0.01}'",
+        help="a ModelConfig field, plain or JSON: dim=128, halting=act, "
+        "'halting_kwargs={\"threshold\": 0.01}'",
     )
     p.add_argument(
         "--allow-change",

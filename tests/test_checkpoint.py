@@ -372,7 +372,9 @@ def test_concurrent_saves_from_two_processes(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "ckpt"), str(n)], env=env, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "ckpt"), str(n)], env=env, stderr=subprocess.PIPE
+        )
         for n in (1, 2)
     ]
     for proc in procs:
@@ -445,7 +447,8 @@ def test_integer_weights_are_refused_not_converted(tmp_path):
     tensors = load_file(weights)
     with safe_open(str(weights), framework="pt") as handle:
         metadata = handle.metadata()
-    tensors["layers.0.attn_norm.weight"] = torch.ones_like(tensors["layers.0.attn_norm.weight"], dtype=torch.int64)
+    norm = "layers.0.attn_norm.weight"
+    tensors[norm] = torch.ones_like(tensors[norm], dtype=torch.int64)
     save_file(tensors, weights, metadata=metadata)
     with pytest.raises(ValueError, match=r"layers.0.attn_norm.weight: stored int64 in model.safetensors"):
         zoo.load(folder)

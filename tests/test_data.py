@@ -259,7 +259,7 @@ def test_no_tokenizer_is_an_error_that_says_how_to_pass_one(vocab):
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"tokenizer byte produces ids up to 256, but the model of hf has 200"):
+    with pytest.raises(ValueError, match=r"byte produces ids up to 256, but the model of hf has 200"):
         resolve_tokenizer("byte", None, 200, "hf")
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
+from test_checkpoint import snapshot
 from zoo.config import LIMITS, ModelConfig, parse_hf_config, parse_overrides, preset
 from zoo.sampling import check_sampling
 from zoo.train import read_metrics
@@ -37,7 +36,9 @@ json_scalars = st.one_of(
     st.sampled_from(["false", "true", "64", "1e-5", "none", "act", "kv_reuse", "neox"]),
 )
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
 )
 FIELDS = sorted(f for f in ModelConfig.__dataclass_fields__)
 
@@ -96,7 +97,15 @@ def test_any_hugging_face_config_is_fields_or_a_value_error(changes):
 
 
 @FUZZ
-@given(items=st.lists(st.one_of(st.text(max_size=30), st.builds(lambda f, v: f"{f}={v}", st.sampled_from(FIELDS), st.text(max_size=20))), max_size=3))
+@given(
+    items=st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.builds(lambda f, v: f"{f}={v}", st.sampled_from(FIELDS), st.text(max_size=20)),
+        ),
+        max_size=3,
+    )
+)
 def test_any_override_text_parses_or_is_a_value_error(items):
     try:
         parsed = parse_overrides(items)
@@ -117,7 +126,8 @@ def test_any_override_text_parses_or_is_a_value_error(items):
     kwargs=st.dictionaries(st.sampled_from(["threshold", "k_max"]), st.floats(0.0, 1.0), max_size=2),
 )
 def test_overrides_round_trip_their_json(dim, eps, bias, kwargs):
-    items = [f"dim={dim}", f"norm_eps={json.dumps(eps)}", f"bias={json.dumps(bias)}", f"halting_kwargs={json.dumps(kwargs)}"]
+    items = [f"dim={dim}", f"norm_eps={json.dumps(eps)}", f"bias={json.dumps(bias)}"]
+    items.append(f"halting_kwargs={json.dumps(kwargs)}")
     assert parse_overrides(items) == {"dim": dim, "norm_eps": eps, "bias": bias, "halting_kwargs": kwargs}
 
 
@@ -168,7 +178,8 @@ def test_damaged_weights_load_or_raise_naming_the_file(tmp_path_factory, saved, 
     how = data.draw(st.sampled_from(["flip", "truncate", "length"]))
     if how == "flip":  # bytes of the header or the first tensors changed
         for _ in range(data.draw(st.integers(1, 4))):
-            blob[data.draw(st.integers(0, min(header_end + 64, len(blob) - 1)))] = data.draw(st.integers(0, 255))
+            where = data.draw(st.integers(0, min(header_end + 64, len(blob) - 1)))
+            blob[where] = data.draw(st.integers(0, 255))
     elif how == "truncate":
         del blob[data.draw(st.integers(0, len(blob) - 1)) :]
     else:  # the header length itself, huge or wrong
@@ -197,7 +208,8 @@ def test_damaged_config_json_loads_or_raises_naming_the_file(tmp_path_factory, s
         header["config"][data.draw(st.sampled_from(FIELDS))] = data.draw(json_values)
         raw = json.dumps(header).encode()
     else:
-        header[data.draw(st.sampled_from(["format", "format_version", "config", "write_id"]))] = data.draw(json_values)
+        key = data.draw(st.sampled_from(["format", "format_version", "config", "write_id"]))
+        header[key] = data.draw(json_values)
         raw = json.dumps(header).encode()
     folder = tmp_path_factory.mktemp("damaged")
     (folder / "config.json").write_bytes(raw)
@@ -222,7 +234,15 @@ def test_a_metrics_log_cut_anywhere_reads_as_its_whole_rows(tmp_path_factory, da
 # Folders to save into ------------------------------------------------------------------------------------
 
 
-ENTRY_NAMES = ["config.json", "model.safetensors", "README.md", "tokenizer.json", "sub", ".hidden", "model.safetensors.tmp"]
+ENTRY_NAMES = [
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "tokenizer.json",
+    "sub",
+    ".hidden",
+    "model.safetensors.tmp",
+]
 entries = st.dictionaries(
     st.sampled_from(ENTRY_NAMES),
     st.one_of(
@@ -233,14 +253,6 @@ entries = st.dictionaries(
     ),
     max_size=4,
 )
-
-
-def _tree(folder: Path) -> dict:
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        out[key] = ("link", os.readlink(path)) if path.is_symlink() else ("dir",) if path.is_dir() else path.read_bytes()
-    return out
 
 
 @FILES
@@ -260,15 +272,15 @@ def test_save_into_any_folder_writes_its_two_files_or_changes_nothing(tmp_path_f
             path.mkdir()
         else:
             path.symlink_to(root / content)
-    before, blob = _tree(folder), outside.read_bytes()
+    before, blob = snapshot(folder), outside.read_bytes()
     model = zoo.build("pythia-tiny", num_layers=1, dim=32, num_heads=2, vocab_size=64)
     try:
         zoo.save(model, folder, allow_other_files=allow)
     except ValueError as err:
         _message(err)
-        assert _tree(folder) == before  # refused: nothing written, nothing deleted
+        assert snapshot(folder) == before  # refused: nothing written, nothing deleted
     else:
-        after = _tree(folder)
+        after = snapshot(folder)
         for name, value in before.items():
             if name not in ("config.json", "model.safetensors"):
                 assert after.get(name) == value, name  # every other entry kept as it was

@@ -98,7 +98,8 @@ def test_conflicting_or_mistyped_sampling_arguments_are_refused(model, kwargs, n
 
 
 def test_numpy_integers_are_taken_as_the_same_python_integers(model):
-    a = model.generate(PROMPT, 5, temperature=1.0, top_k=np.int64(20), seed=np.uint32(7), eos_token_id=np.int32(3))
+    numpy_ints = dict(top_k=np.int64(20), seed=np.uint32(7), eos_token_id=np.int32(3))
+    a = model.generate(PROMPT, 5, temperature=1.0, **numpy_ints)
     b = model.generate(PROMPT, 5, temperature=1.0, top_k=20, seed=7, eos_token_id=3)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
 

@@ -234,7 +234,8 @@ def test_a_folder_without_tokenizer_is_refused(model, tmp_path):
 
 @pytest.mark.parametrize("batch_size", ["auto", "auto:4", "2", 1])
 def test_lm_eval_batch_size_forms_give_the_same_scores(model, batch_size):
-    pairs = [("The try statement", " specifies"), ("x = ", "1"), ("", "empty context"), ("a" * 40, " long")] * 2
+    pairs = [("The try statement", " specifies"), ("x = ", "1"), ("", "empty context"), ("a" * 40, " long")]
+    pairs = pairs * 2
     reference = PonderZooLM(model=model, tokenizer=TOK, batch_size=8).loglikelihood(
         [request("loglikelihood", c, x) for c, x in pairs]
     )
@@ -267,7 +268,8 @@ def test_auto_batch_size_halves_on_out_of_memory(model, monkeypatch):
 def test_lm_eval_command_line_model_args_string(model, tmp_path):
     save(model, tmp_path / "ckpt")
     args = f"pretrained={tmp_path / 'ckpt'},tokenizer=byte,max_length=32"
-    lm = PonderZooLM.create_from_arg_string(args, {"batch_size": "auto:2", "max_batch_size": None, "device": None})
+    extra = {"batch_size": "auto:2", "max_batch_size": None, "device": None}  # what lm_eval's CLI adds
+    lm = PonderZooLM.create_from_arg_string(args, extra)
     assert (lm.max_length, lm.batch_size) == (32, "auto:2")
     with pytest.raises(ValueError, match="max_length must be a positive integer, got -5"):
         PonderZooLM.create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},tokenizer=byte,max_length=-5")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
+from test_checkpoint import snapshot
 from zoo.checkpoint import FolderBusyError, folder_lock, load
 from zoo.data import ByteTokenizer, TokenStream, load_corpus
 from zoo.train import (
@@ -228,10 +229,6 @@ def test_compile_option_trains_through_the_compiled_forward(corpus, tmp_path, mo
 # Run folders: one run each, every check before the first write -----------------------------
 
 
-def snapshot(folder) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @contextlib.contextmanager
 def held_by_another_run(folder):
     """The folder's run lock, held by another thread (as another process would hold it)."""
@@ -301,7 +298,9 @@ def test_resume_refuses_any_change_of_the_run_unless_allowed(corpus, tmp_path, k
     assert f"differs from the one it would continue in {key} (" in str(err.value)
     assert f"--allow-change {key}" in str(err.value)
     said = []
-    result = train(tiny(**after), corpus[0], changed, tmp_path, resume=True, allow_change=[key], log=said.append)
+    result = train(
+        tiny(**after), corpus[0], changed, tmp_path, resume=True, allow_change=[key], log=said.append
+    )
     assert result.step == changed.steps
     assert any(line.startswith(f"resuming with {key} changed") for line in said)
 
@@ -359,7 +358,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(corpus, tmp_path):
 
 def test_every_split_is_checked_before_the_first_step(corpus, tmp_path):
     short = TokenStream(np.arange(20, dtype=np.uint16), "tiny validation file")
-    with pytest.raises(ValueError, match="the validation split tiny validation file has 20 tokens, fewer than one window"):
+    with pytest.raises(ValueError, match="split tiny validation file has 20 tokens, fewer than one"):
         train(tiny(), corpus[0], config(steps=2), tmp_path / "run", val_data=short)
     beyond = TokenStream(np.full(100, 600, dtype=np.uint16), "validation with foreign ids")
     with pytest.raises(ValueError, match="holds token id 600"):
@@ -369,7 +368,9 @@ def test_every_split_is_checked_before_the_first_step(corpus, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written, not even the folder
 
 
-@pytest.mark.parametrize("damaged", ["optimizer.safetensors", "trainer.json", "model/model.safetensors", "rng.safetensors"])
+@pytest.mark.parametrize(
+    "damaged", ["optimizer.safetensors", "trainer.json", "model/model.safetensors", "rng.safetensors"]
+)
 def test_a_damaged_checkpoint_names_the_file_and_the_intact_earlier_one(corpus, tmp_path, damaged):
     cfg = config(steps=6, checkpoint_every=2)
     straight = train(tiny(), corpus[0], cfg, tmp_path / "a")
@@ -396,8 +397,16 @@ def test_a_pointer_to_a_missing_checkpoint_names_the_intact_one(corpus, tmp_path
 
 @pytest.mark.parametrize(
     "field, value",
-    [("lr", float("inf")), ("lr", "3e-3"), ("grad_clip", float("nan")), ("compile", "false"), ("betas", [0.9, 0.95]),
-     ("seed", 1.5), ("train_only", "halting."), ("progress", 1)],
+    [
+        ("lr", float("inf")),
+        ("lr", "3e-3"),
+        ("grad_clip", float("nan")),
+        ("compile", "false"),
+        ("betas", [0.9, 0.95]),
+        ("seed", 1.5),
+        ("train_only", "halting."),
+        ("progress", 1),
+    ],
 )
 def test_train_config_is_strict(field, value):
     with pytest.raises(ValueError) as err:

@@ -307,9 +307,10 @@ def _check_folder(
     problems = []
     linked = [n for n in present if (folder / n).is_symlink()]
     if linked:
+        targets = ", ".join(os.readlink(folder / n) for n in linked)
         problems.append(
-            f"{', '.join(linked)} in {folder} are symlinks ({', '.join(os.readlink(folder / n) for n in linked)}); "
-            f"{writer} neither replaces a link nor writes through it: write to another folder"
+            f"{', '.join(linked)} in {folder} are symlinks ({targets}); {writer} neither replaces a "
+            f"link nor writes through it: write to another folder"
         )
     kinds = [n for n in present if n not in linked and not (folder / n).is_file()]
     if kinds:

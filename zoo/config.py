@@ -166,7 +166,9 @@ class ModelConfig:
                 continue
             if not _is_int(value) or not low <= value <= high:
                 none = " or None" if name in _OPTIONAL else ""
-                raise ValueError(f"ModelConfig.{name} must be an int in [{low}, {high:,}]{none}, got {value!r}")
+                raise ValueError(
+                    f"ModelConfig.{name} must be an int in [{low}, {high:,}]{none}, got {value!r}"
+                )
         for name in _BOOLS:
             value = getattr(self, name)
             if not isinstance(value, bool):

@@ -84,7 +84,8 @@ class PonderZooLM(TemplateLM):
     ) -> None:
         super().__init__()
         self._batch_size, self.batch_schedule = _parse_batch_size(batch_size)
-        self.max_batch_size = 64 if max_batch_size is None else _positive_int("max_batch_size", max_batch_size)
+        max_batch_size = 64 if max_batch_size is None else max_batch_size
+        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
         if max_length is not None:
             max_length = _positive_int("max_length", max_length)
         if execution not in (None, "dense", "sparse"):
@@ -93,7 +94,9 @@ class PonderZooLM(TemplateLM):
             try:
                 device = torch.device(device)
             except (RuntimeError, TypeError) as err:
-                raise ValueError(f"device={device!r} is not a torch device ({err}); use 'cpu' or 'cuda'") from None
+                raise ValueError(
+                    f"device={device!r} is not a torch device ({err}); use 'cpu' or 'cuda'"
+                ) from None
         if (model is None) == (pretrained is None):
             raise ValueError("PonderZooLM needs a model object or pretrained=<path>, not both")
         named, source = None, "the model"
@@ -276,7 +279,9 @@ class PonderZooLM(TemplateLM):
 
 def _out_of_memory(err: RuntimeError) -> bool:
     text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def _positive_int(name: str, value: object) -> int:

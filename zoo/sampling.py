@@ -80,10 +80,10 @@ def check_sampling(
         >>> import numpy as np
         >>> check_sampling(0.8, top_k=np.int64(40), seed=np.uint32(7))
         Sampling(temperature=0.8, top_k=40, top_p=None, eos_token_id=None, seed=7)
-        >>> check_sampling(0.0, top_k=40)
+        >>> check_sampling(0.0, top_k=40)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: top_k=40 has no effect with temperature=0 (greedy decoding takes the most likely token); set a temperature > 0 to sample, e.g. temperature=1.0, or drop top_k
+        ValueError: top_k=40 has no effect with temperature=0 (...); set a temperature > 0 ... or drop top_k
     """
     if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(

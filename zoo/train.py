@@ -171,9 +171,10 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "step_offset", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "an int >= 0")
-        if self.micro_batch_size is not None and (not _is_int(self.micro_batch_size) or self.micro_batch_size < 1):
+        micro, stop = self.micro_batch_size, self.stop_after
+        if micro is not None and (not _is_int(micro) or micro < 1):
             fail("micro_batch_size", "a positive int or None")
-        if self.stop_after is not None and (not _is_int(self.stop_after) or not 1 <= self.stop_after <= self.steps):
+        if stop is not None and (not _is_int(stop) or not 1 <= stop <= self.steps):
             fail("stop_after", f"an int in [1, steps={self.steps}] or None")
         for name, positive in (("lr", True), ("eps", True), ("weight_decay", False), ("grad_clip", False)):
             value = getattr(self, name)
@@ -187,7 +188,8 @@ class TrainConfig:
             or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas)
         ):
             fail("betas", "a tuple of two numbers in [0, 1), e.g. (0.9, 0.95)")
-        if not isinstance(self.train_only, tuple) or not all(isinstance(p, str) and p for p in self.train_only):
+        prefixes = self.train_only
+        if not isinstance(prefixes, tuple) or not all(isinstance(p, str) and p for p in prefixes):
             fail("train_only", "a tuple of parameter-name prefixes, e.g. ('halting.',)")
         for name in ("compile", "progress"):
             if not isinstance(getattr(self, name), bool):
@@ -364,9 +366,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
             return f"{folder / 'trainer.json'} lacks step, data or config"
         read_config(folder / "model")
         _read_json(folder / "optimizer.json")
-        index_safetensors(
-            [folder / "model" / "model.safetensors", folder / "optimizer.safetensors", folder / "rng.safetensors"]
-        )
+        files = ("model/model.safetensors", "optimizer.safetensors", "rng.safetensors")
+        index_safetensors([folder / name for name in files])
     except (OSError, ValueError) as err:
         return str(err)
     return None
@@ -431,7 +432,9 @@ def _metric_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
         except json.JSONDecodeError as err:
             if number == len(lines):  # the last line, with no newline after it: torn
                 return rows, True
-            raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}); the metrics log is damaged") from None
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({err.msg}); the metrics log is damaged"
+            ) from None
         if not isinstance(row, dict) or not _is_int(row.get("step")):
             raise ValueError(f"{path}:{number} is not a metrics row (an object with an integer step)")
         rows.append(row)
@@ -574,7 +577,16 @@ def _load_checkpoint(
 
 
 # Settings that decide how a run runs but not what it computes: a resume may change them.
-_OPERATIONAL = ("stop_after", "progress", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_windows", "compile", "fsdp")
+_OPERATIONAL = (
+    "stop_after",
+    "progress",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "eval_windows",
+    "compile",
+    "fsdp",
+)
 
 
 def run_configuration(
@@ -621,7 +633,9 @@ def _run_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
 
 def _describe(key: str, value: Any) -> str:
     if key in ("data", "val_data") and isinstance(value, dict):
-        return f"{value.get('name')} ({value.get('tokens'):,} tokens, digest {str(value.get('digest'))[:12]})"
+        tokens = value.get("tokens")
+        count = f"{tokens:,}" if isinstance(tokens, int) else str(tokens)
+        return f"{value.get('name')} ({count} tokens, digest {str(value.get('digest'))[:12]})"
     return repr(value)
 
 
@@ -640,10 +654,11 @@ def _check_resume(
     refused = {k: v for k, v in changes.items() if k not in allow_change}
     if refused:
         listed = "; ".join(f"{k}: {_describe(k, a)} -> {_describe(k, b)}" for k, (a, b) in refused.items())
+        keys = ", ".join(map(repr, refused))
         raise ValueError(
             f"cannot resume {folder}: this run differs from the one it would continue in "
             f"{', '.join(refused)} ({listed}). Resume with the same settings, start a new run in "
-            f"another folder, or name the keys that may change: allow_change=[{', '.join(map(repr, refused))}] "
+            f"another folder, or name the keys that may change: allow_change=[{keys}] "
             f"(recipes: --allow-change {','.join(refused)})"
         )
     for key, (then, now) in changes.items():
@@ -822,7 +837,8 @@ def train(
         )
     with _run_lock(out_dir, ctx):
         return _train(
-            model, data, config, out_dir, resume, allow_change, val_data, tokenizer, run_info, ctx, say, micro, accum
+            model, data, config, out_dir, resume, allow_change, val_data, tokenizer, run_info, ctx, say,
+            micro, accum,
         )
 
 
@@ -880,9 +896,8 @@ def _train(
             raise ValueError(f"--resume: {out_dir} holds no checkpoint; run without --resume to start")
         problem = checkpoint_problem(checkpoint)
         if problem is not None:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: {problem}. " + _fallback_advice(checkpoint.parent, checkpoint)
-            )
+            advice = _fallback_advice(checkpoint.parent, checkpoint)
+            raise ValueError(f"cannot resume from {checkpoint}: {problem}. {advice}")
         changed = _check_resume(checkpoint, run, allow_change, say)
     elif checkpoint is not None:
         raise ValueError(
@@ -967,7 +982,7 @@ def _train(
                 raise NonFiniteLossError(
                     f"the {what} is {value} at step {i + 1}; stopped before updating the weights. "
                     + (
-                        f"The last good checkpoint is {kept} (step {_step_of(kept)}); "
+                        f"The last good checkpoint is {kept} (step {_step_number(kept)}); "
                         if kept
                         else "No checkpoint was written yet; "
                     )
@@ -1048,10 +1063,6 @@ def _any_rank(flag: bool, ctx: Distributed) -> bool:
     value = torch.tensor([float(flag)], device=ctx.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-def _step_of(folder: Path | None) -> int | None:
-    return None if folder is None else int(json.loads((folder / "trainer.json").read_text())["step"])
 
 
 @torch.no_grad()
