@@ -338,13 +338,18 @@ def test_to_hf_refuses_a_sharded_index_that_would_shadow_its_weights(hf_neox_fol
     assert snapshot(folder) == before
 
 
+def small(num_layers: int = 1) -> zoo.RecurrentLM:
+    """A model that saves in about a millisecond, so concurrent saves overlap."""
+    return zoo.build("pythia-tiny", num_layers=num_layers, dim=32, num_heads=2, vocab_size=64)
+
+
 def test_concurrent_saves_take_turns_and_leave_one_whole_checkpoint(tmp_path):
-    models = [zoo.build("pythia-tiny", num_layers=1 + i % 2) for i in range(6)]
+    models = [small(1 + i % 2) for i in range(8)]
     errors = []
 
     def save(model):
         try:
-            for _ in range(3):
+            for _ in range(20):
                 zoo.save(model, tmp_path / "ckpt")
         except BaseException as err:  # noqa: BLE001 - any error fails the test below
             errors.append(err)
@@ -364,22 +369,30 @@ def test_concurrent_saves_take_turns_and_leave_one_whole_checkpoint(tmp_path):
 
 
 def test_concurrent_saves_from_two_processes(tmp_path):
-    script = (
-        "import sys, zoo\n"
-        "model = zoo.build('pythia-tiny', num_layers=int(sys.argv[2]))\n"
-        "for _ in range(5):\n"
+    script = (  # both processes start saving together, once both have imported torch
+        "import pathlib, sys, time, zoo\n"
+        "model = zoo.build('pythia-tiny', num_layers=int(sys.argv[2]), dim=32, num_heads=2, vocab_size=64)\n"
+        "ready = pathlib.Path(sys.argv[3])\n"
+        "(ready / sys.argv[2]).touch()\n"
+        "while len(list(ready.iterdir())) < 2:\n"
+        "    time.sleep(0.01)\n"
+        "for _ in range(100):\n"
         "    zoo.save(model, sys.argv[1])\n"
     )
+    (tmp_path / "ready").mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, str(tmp_path / "ckpt"), str(n)], env=env, stderr=subprocess.PIPE
+            [sys.executable, "-c", script, str(tmp_path / "ckpt"), str(n), str(tmp_path / "ready")],
+            env=env,
+            stderr=subprocess.PIPE,
         )
         for n in (1, 2)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ready"]  # no .old or temporary leftovers
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     assert zoo.load(tmp_path / "ckpt").config.num_layers in (1, 2)
 
