@@ -10,7 +10,7 @@ from torch import nn
 
 from zoo.blocks.norms import make_norm
 from zoo.blocks.rotary import Rotary
-from zoo.config import ModelConfig, preset
+from zoo.config import ModelConfig, check_model_size, preset
 from zoo.model import RecurrentLM
 from zoo.registry import BLOCKS, CACHES, HALTING, RECURRENCES
 
@@ -35,6 +35,7 @@ def build_model(
             initialised), e.g. to count parameters of a 2.8B model.
         dtype: parameter dtype (default: torch's default, fp32).
     """
+    check_model_size(config, dtype, device)  # before anything is allocated
     block = BLOCKS.get(config.block)
     policy_cls = HALTING.get(config.halting)
     try:

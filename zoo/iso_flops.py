@@ -208,7 +208,7 @@ def run_variant(
         plugins: modules to import first (parts registered outside the library).
         threads: torch CPU threads of this process.
     """
-    from zoo.train import TrainConfig, latest_checkpoint, seed_everything, train, write_run_info
+    from zoo.train import TrainConfig, latest_checkpoint, seed_everything, train
 
     for module in plugins:
         importlib.import_module(module)
@@ -238,8 +238,17 @@ def run_variant(
         keep_checkpoints=1,
         progress=False,
     )
-    write_run_info(folder, recipe="iso_flops", tokenizer=tokenizer.name, train=cfg.to_dict(), **identity)
-    train(model, data, cfg, folder, resume=resume and latest_checkpoint(folder) is not None)
+    info = dict(recipe="iso_flops", tokenizer=tokenizer.name, train=cfg.to_dict(), **identity)
+    train(
+        model,
+        data,
+        cfg,
+        folder,
+        resume=resume and latest_checkpoint(folder) is not None,
+        val_data=val,
+        tokenizer=tokenizer.name,
+        run_info=info,
+    )
     stats, report = evaluate_tokens(model, val, settings.seq_len, max_windows=settings.eval_windows)
     reference = build_model(variant_config("ponder", settings, _vocab(tokenizer)), device="meta")
     full = flops.count(reference, torch.full_like(stats.depth, 4), execution="dense").total

@@ -32,8 +32,15 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.build import build_model
-from zoo.checkpoint import StoredTensor, atomic_write, index_safetensors, materialize, model_tensors
-from zoo.config import ModelConfig
+from zoo.checkpoint import (
+    StoredTensor,
+    index_safetensors,
+    is_hf_checkpoint,
+    materialize,
+    model_tensors,
+    write_folder,
+)
+from zoo.config import ModelConfig, parse_hf_config
 from zoo.interop import hub, llama, neox, remote
 from zoo.interop.neox import hf_to_zoo_name, zoo_to_hf_name
 from zoo.model import RecurrentLM
@@ -128,7 +135,7 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
         )
     if not isinstance(data, dict):
         raise ValueError(f"{config_file} must hold a JSON object")
-    return data
+    return parse_hf_config(data, config_file)
 
 
 def _resolve(
@@ -221,7 +228,13 @@ def from_hf(
 # Writing ----------------------------------------------------------------------------------
 
 
-def to_hf(model: RecurrentLM, path: str | os.PathLike, *, remote_code: bool | None = None) -> Path:
+def to_hf(
+    model: RecurrentLM,
+    path: str | os.PathLike,
+    *,
+    remote_code: bool | None = None,
+    allow_other_files: bool = False,
+) -> Path:
     """Writes ``model`` as a Hugging Face folder that transformers loads with the same logits.
 
     A one-pass model that transformers expresses natively stays plain: a ``neox`` model
@@ -242,11 +255,16 @@ def to_hf(model: RecurrentLM, path: str | os.PathLike, *, remote_code: bool | No
         path: the output folder.
         remote_code: ``None`` (default) writes remote code only when needed; ``False``
             refuses a model that needs it; ``True`` writes remote code even for a plain model.
+        allow_other_files: write beside files this export does not write (a
+            ``tokenizer.json``, a ``generation_config.json``); they are kept. Without it such
+            a folder is refused, listed.
 
     Raises:
         ValueError: not a zoo model; ``remote_code=False`` and the model is not plain
             GPT-NeoX or Llama (the message says why); a part registered by a plugin module,
-            which the folder's code could not rebuild.
+            which the folder's code could not rebuild; the folder holds files this write may
+            not replace or write beside (:func:`zoo.checkpoint.write_folder`), such as a
+            ``README.md`` that is not a ponder-zoo model card.
 
     Example:
         >>> import json, pathlib, tempfile, zoo
@@ -272,13 +290,23 @@ def to_hf(model: RecurrentLM, path: str | os.PathLike, *, remote_code: bool | No
 
     tensors = {n: t.detach().to("cpu") for n, t in model_tensors(model).items()}
     dtype = model.embed.weight.dtype
-    with atomic_write(path, directory=True) as tmp:
-        if reasons:
-            why = f"It is not a {name} model"
-            tensors = remote.write(model, tmp, tensors, Path(path).name, why, reasons)
-        else:
-            tensors = native.hf_tensors(tensors, config)
-            (tmp / "config.json").write_text(json.dumps(native.hf_config(config, dtype), indent=2) + "\n")
-        tensors = {key: t.contiguous() for key, t in tensors.items()}
-        save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+    if reasons:
+        why = f"It is not a {name} model"
+        texts, tensors = remote.files(model, tensors, Path(path).name, why, reasons)
+        owns = lambda folder: is_hf_checkpoint(folder) and remote.is_card(folder)  # noqa: E731
+    else:
+        tensors = native.hf_tensors(tensors, config)
+        texts = {"config.json": json.dumps(native.hf_config(config, dtype), indent=2) + "\n"}
+        owns = is_hf_checkpoint
+    tensors = {key: t.contiguous() for key, t in tensors.items()}
+    files = {name: (lambda f, text=text: f.write_text(text)) for name, text in texts.items()}
+    files[SAFETENSORS_FILE] = lambda f: save_file(tensors, f, metadata={"format": "pt"})
+    write_folder(
+        path,
+        files,
+        writer="zoo.to_hf",
+        owns=owns,
+        allow_other_files=allow_other_files,
+        conflicts=(SAFETENSORS_INDEX, "model-*-of-*.safetensors"),
+    )
     return Path(path)

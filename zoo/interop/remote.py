@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from zoo.checkpoint import StoredTensor, load_into
@@ -35,7 +34,8 @@ __all__ = [
     "CODE_FILES",
     "config_fields",
     "check_built_in",
-    "write",
+    "files",
+    "is_card",
     "model_card",
     "without_halting",
     "load",
@@ -45,6 +45,7 @@ MODEL_TYPE = "ponder_zoo"
 PREFIX = "model."  # the zoo model is the ``model`` attribute of the transformers model
 CODE_DIR = Path(__file__).parent / "remote_code"
 CODE_FILES = ("configuration_ponder_zoo.py", "modeling_ponder_zoo.py")
+CARD = "README.md"
 AUTO_MAP = {
     "AutoConfig": "configuration_ponder_zoo.PonderZooConfig",
     "AutoModelForCausalLM": "modeling_ponder_zoo.PonderZooForCausalLM",
@@ -83,23 +84,22 @@ def check_built_in(config: ModelConfig) -> None:
             )
 
 
-def write(
-    model: RecurrentLM, folder: Path, tensors: dict[str, Tensor], title: str, why: str, reasons: list[str]
-) -> dict[str, Tensor]:
-    """Writes the code, ``config.json`` and model card of ``model`` into ``folder``.
+def files(
+    model: RecurrentLM, tensors: dict[str, Tensor], title: str, why: str, reasons: list[str]
+) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The code, ``config.json`` and model card of ``model``'s folder, and the tensors to store.
 
     Call :func:`check_built_in` first: the code written can rebuild only built-in parts.
     The model card is headed ``title``; ``why`` and ``reasons`` say why the model needs
     remote code.
 
     Returns:
-        The tensors to store (``tensors`` under the ``model.`` prefix).
+        (file name -> text, the tensors under the ``model.`` prefix).
     """
     from zoo import __version__
 
     config = model.config
-    for name in CODE_FILES:
-        (folder / name).write_text((CODE_DIR / name).read_text())
+    texts = {name: (CODE_DIR / name).read_text() for name in CODE_FILES}
     dtype_name = str(model.embed.weight.dtype).removeprefix("torch.")
     hf = {
         "architectures": ["PonderZooForCausalLM"],
@@ -116,9 +116,18 @@ def write(
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
     }
-    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(config, title, why, reasons, __version__))
-    return {PREFIX + name: t for name, t in tensors.items()}
+    texts["config.json"] = json.dumps(hf, indent=2) + "\n"
+    texts[CARD] = model_card(config, title, why, reasons, __version__)
+    return texts, {PREFIX + name: t for name, t in tensors.items()}
+
+
+def is_card(folder: Path) -> bool:
+    """``folder`` holds no ``README.md``, or one a ponder-zoo export wrote (its tag)."""
+    card = folder / CARD
+    try:
+        return not card.exists() or "\n- ponder-zoo\n" in card.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def model_card(config: ModelConfig, title: str, why: str, reasons: list[str], version: str) -> str:
