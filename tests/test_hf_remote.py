@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,18 +30,6 @@ VARIANTS = {
     ),
     "one-pass-neox-gqa": ("pythia-tiny", dict(num_kv_heads=2)),
 }
-
-
-@pytest.fixture(scope="module")
-def modules_cache(tmp_path_factory):
-    """transformers copies remote code into its modules cache (under HF_HOME, read at import):
-    here a temporary one, and sys.path as it was afterwards."""
-    from transformers import dynamic_module_utils
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf-modules")))
-        patch.setattr(sys, "path", list(sys.path))
-        yield
 
 
 def auto_model(folder: Path):

@@ -89,3 +89,69 @@ def test_variants_share_the_shape_and_fixed_pruning_needs_a_depth():
         variant_config("fixed_geometric", s, 320)
     with pytest.raises(ValueError, match="unknown variant"):
         variant_config("ponder_5", s, 320)
+
+
+def test_resume_refuses_a_folder_trained_otherwise(tmp_path):
+    from zoo.iso_flops import run_variant
+
+    s = IsoSettings(data="embedded", steps=2, batch_size=2, seq_len=16, eval_windows=2)
+    run_variant("single", 0, s, tmp_path / "single")
+    other = IsoSettings(data="embedded", steps=2, batch_size=2, seq_len=16, eval_windows=2, lr=1e-3)
+    with pytest.raises(ValueError, match=r"trained otherwise \(settings.lr: 0.005 -> 0.001\)"):
+        run_variant("single", 0, other, tmp_path / "single", resume=True)
+
+
+# The recorded experiment and the pages that quote it ---------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_results_page_quotes_the_recorded_experiment():
+    """Every mean, spread and target verdict on the results page is the recorded JSON's."""
+    import json
+
+    record = json.loads((ROOT / "docs/figures/iso_flops.json").read_text())
+    page = (ROOT / "docs/results.md").read_text()
+    assert record["command"] in page
+    summary = record["summary"]
+    for variant, stats in summary["variants"].items():
+        p = stats["perplexity"]
+        assert f"{p['mean']:.3f} ({p['min']:.3f}-{p['max']:.3f})" in page, variant
+        assert f"{100 * stats['compute']['mean']:.1f}%" in page, variant
+    for entry in summary["frontier"]:
+        assert f"| {entry['seed']} | {100 * entry['compute']:.1f}% | {entry['adaponder']:.3f} |" in page
+        assert f"{entry['ratio']:.3f}" in page
+    # each target's measured value stands in a row of the targets table with its verdict
+    rows = [line for line in page.splitlines() if line.endswith(("| yes |", "| **no** |"))]
+    targets = summary["targets"]
+    measured = [
+        f"{100 * targets[0]['value']:+.1f}%",
+        f"ratio {targets[1]['value']:.3f}",
+        f"ratio {targets[2]['value']:.3f} / {targets[3]['value']:.3f}",
+        f"ratio {targets[2]['value']:.3f} / {targets[3]['value']:.3f}",
+        f"{targets[4]['value']['perplexity_ratio']:.3f}x at {100 * targets[4]['value']['compute']:.1f}%",
+        f"{targets[5]['value']:+.2f}",
+    ]
+    assert len(targets) == len(measured)
+    for target, value in zip(targets, measured):
+        (row,) = [row for row in rows if f"| {value}" in row]
+        assert row.endswith("| yes |" if target["holds"] else "| **no** |"), (target["target"], row)
+    rebuilt = summarize(record["rows"])  # the summary follows from the rows
+    assert [t["holds"] for t in rebuilt["targets"][:5]] == [t["holds"] for t in summary["targets"][:5]]
+    for name in ("iso_flops_perplexity.png", "iso_flops_depth_nll.png"):
+        assert (ROOT / "docs/figures" / name).read_bytes().startswith(b"\x89PNG")
+        assert f"figures/{name}" in page
+
+
+def test_mlp_gate_page_quotes_the_recorded_ablation():
+    import json
+
+    record = json.loads((ROOT / "docs/figures/gate_ablation.json").read_text())
+    page = (ROOT / "docs/halting/mlp_gate.md").read_text()
+    for row in record["rows"]:
+        shares = ", ".join(f"{round(100 * a)}" for a in row["active_fraction"]) + "%"
+        line = (
+            f"| {row['perplexity']:.3f} | {row['mean_depth']:.2f} | {row['effective_depth']:.2f} | "
+            f"{100 * row['compute']:.1f}% | {shares} | {row['own_spearman']:+.2f} |"
+        )
+        assert line in page, (row["change"], line)

@@ -389,10 +389,17 @@ def test_iso_flops_writes_paired_rows_for_every_variant_and_seed(tmp_path, capsy
         assert (out / png).read_bytes().startswith(PNG)
     text = capsys.readouterr().out
     assert (out / "iso_flops.md").read_text().strip() in text
-    # --resume reads the finished runs back instead of training them again.
+    # --resume reads the finished runs back instead of training them again; other evaluation
+    # settings evaluate the same checkpoint again.
     first = (out / "ponder-seed0" / "eval.json").read_text()
+    metrics = (out / "ponder-seed0" / "metrics.jsonl").read_text()
     assert recipe("iso_flops").main([*args, "--resume", "--variants", "ponder"]) == 0
     assert (out / "ponder-seed0" / "eval.json").read_text() == first
+    more = [a if a != "3" else "5" for a in args]  # --eval-windows 5
+    assert recipe("iso_flops").main([*more, "--resume", "--variants", "ponder"]) == 0
+    again = json.loads((out / "ponder-seed0" / "eval.json").read_text())
+    assert again["tokens"] == 5 * 32 and again["evaluated_as"]["eval_windows"] == 5
+    assert (out / "ponder-seed0" / "metrics.jsonl").read_text() == metrics  # not trained again
 
 
 def test_iso_flops_refuses_unknown_variants_and_unpaired_fixed_pruning(tmp_path, capsys):

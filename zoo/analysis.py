@@ -195,11 +195,12 @@ def evaluate(
     batch_size: int = 8,
     max_windows: int | None = None,
     execution: str | None = None,
+    spread: bool = False,
 ) -> EvalReport:
-    """Perplexity, depth and compute of ``model`` over the first windows of ``stream``.
+    """Perplexity, depth and compute of ``model`` over windows of ``stream``.
 
-    The windows are :func:`zoo.data.eval_windows` (consecutive, non-overlapping), so the
-    numbers are deterministic.
+    The windows are :func:`zoo.data.eval_windows` (non-overlapping; the first ones, or with
+    ``spread`` laid evenly over the stream), so the numbers are deterministic.
 
     Args:
         model: the model.
@@ -208,9 +209,10 @@ def evaluate(
         batch_size: windows per forward.
         max_windows: at most this many windows (``None``: the whole stream).
         execution: as in :func:`token_stats`.
+        spread: lay the windows over the whole stream instead of taking the first ones.
     """
     return evaluate_tokens(
-        model, stream, seq_len, batch_size=batch_size, max_windows=max_windows, execution=execution
+        model, stream, seq_len, batch_size=batch_size, max_windows=max_windows, execution=execution, spread=spread
     )[1]
 
 
@@ -222,21 +224,10 @@ def evaluate_tokens(
     batch_size: int = 8,
     max_windows: int | None = None,
     execution: str | None = None,
+    spread: bool = False,
 ) -> tuple[TokenStats, EvalReport]:
-    """:func:`evaluate`, with the per-token statistics it was computed from.
-
-    The windows are :func:`zoo.data.eval_windows` (consecutive, non-overlapping), so the
-    numbers are deterministic.
-
-    Args:
-        model: the model.
-        stream: validation tokens.
-        seq_len: tokens per window.
-        batch_size: windows per forward.
-        max_windows: at most this many windows (``None``: the whole stream).
-        execution: as in :func:`token_stats`.
-    """
-    windows = eval_windows(stream, seq_len, max_windows)
+    """:func:`evaluate`, with the per-token statistics it was computed from (same arguments)."""
+    windows = eval_windows(stream, seq_len, max_windows, spread)
     stats = token_table(model, windows, batch_size, execution)
     nll, depth = stats.nll, stats.depth
     P = model.config.passes

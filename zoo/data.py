@@ -628,22 +628,36 @@ class BatchSampler:
         self.position = int(state["position"])
 
 
-def eval_windows(stream: TokenStream, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Consecutive non-overlapping windows (n, seq_len + 1) from the start of ``stream``.
+def eval_windows(
+    stream: TokenStream, seq_len: int, max_windows: int | None = None, spread: bool = False
+) -> np.ndarray:
+    """Non-overlapping windows (n, seq_len + 1) of ``stream``, deterministic, for validation.
 
-    Window ``j`` covers tokens ``[j * seq_len, (j + 1) * seq_len]``: each token after the
-    first is predicted exactly once. Deterministic, for validation perplexity.
+    By default the windows are consecutive from the start: window ``j`` covers tokens
+    ``[j * seq_len, (j + 1) * seq_len]``, so each token after the first is predicted exactly
+    once. With ``spread`` and fewer windows than the stream holds, the ``max_windows``
+    windows are instead laid evenly over the whole stream (the slots ``round(j * m / n)``
+    of the ``m`` consecutive ones): the same cost, drawn from every part of the data
+    rather than its first documents.
 
     Raises:
         ValueError: the stream is shorter than one window.
+
+    Example:
+        >>> stream = TokenStream(np.arange(101, dtype=np.uint16), "toy")
+        >>> eval_windows(stream, 10, 3)[:, 0].tolist(), eval_windows(stream, 10, 3, spread=True)[:, 0].tolist()
+        ([0, 10, 20], [0, 30, 70])
     """
-    n = (len(stream) - 1) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
+    available = (len(stream) - 1) // seq_len
+    n = available if max_windows is None else min(available, max_windows)
     if n < 1:
         raise ValueError(
             f"{stream.name} has {len(stream)} tokens, fewer than one evaluation window of "
             f"{seq_len + 1}; lower seq_len"
         )
-    tokens = np.asarray(stream.tokens[: n * seq_len + 1]).astype(np.int64)
-    return np.stack([tokens[j * seq_len : (j + 1) * seq_len + 1] for j in range(n)])
+    slots = range(n)
+    if spread and n < available:
+        slots = [round(j * available / n) for j in range(n)]  # increasing: n <= available
+    return np.stack(
+        [np.asarray(stream.tokens[j * seq_len : (j + 1) * seq_len + 1]).astype(np.int64) for j in slots]
+    )

@@ -111,6 +111,8 @@ class IsoSettings:
             added from ``stage1`` and ``ramp``).
         halting_lr_scale: the gates' learning rate as a multiple of ``lr``.
         eval_windows: validation windows every run is evaluated on.
+        eval_spread: lay them evenly over the whole validation split (every held-out file
+            contributes) rather than taking the first ones.
         overrides: :class:`~zoo.config.ModelConfig` fields applied to every variant; its
             ``halting_kwargs`` are merged into ``gate`` (they concern the gates alone).
     """
@@ -132,6 +134,7 @@ class IsoSettings:
     gate: dict[str, Any] = field(default_factory=lambda: dict(GATE))
     halting_lr_scale: float = 1.0
     eval_windows: int = 1024
+    eval_spread: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +184,10 @@ def _vocab(tokenizer) -> int:
     return 64 * math.ceil(tokenizer.vocab_size / 64)
 
 
+EVAL_FIELDS = ("eval_windows", "eval_spread")
+"""The settings that change only the evaluation: a finished run is re-evaluated, not retrained."""
+
+
 def run_variant(
     variant: str,
     seed: int,
@@ -195,8 +202,10 @@ def run_variant(
 
     Writes ``run.json``, ``metrics.jsonl``, the final checkpoint, ``eval.json`` (the row)
     and ``tokens.safetensors`` (every validation token's NLL and depth, for the rank
-    correlations). A folder that already holds ``eval.json`` for the same settings is
-    read, not retrained, when ``resume`` is set.
+    correlations). With ``resume``, a folder whose run was trained with the same settings
+    is not trained again: its row is read back if it was evaluated the same way, else its
+    final checkpoint is evaluated again (:data:`EVAL_FIELDS` changed); an interrupted run
+    continues from its checkpoint.
 
     Args:
         variant: one of :data:`VARIANTS`.
@@ -208,7 +217,7 @@ def run_variant(
         plugins: modules to import first (parts registered outside the library).
         threads: torch CPU threads of this process.
     """
-    from zoo.train import TrainConfig, latest_checkpoint, seed_everything, train
+    from zoo.train import TrainConfig, latest_checkpoint, load_trained, seed_everything, train
 
     for module in plugins:
         importlib.import_module(module)
@@ -216,40 +225,51 @@ def run_variant(
     folder = Path(folder)
     tokenizer = load_tokenizer(settings.tokenizer)
     config = variant_config(variant, settings, _vocab(tokenizer), depth)
-    identity = {"variant": variant, "seed": seed, "settings": settings.to_dict(), "model_config": config.to_dict()}
-    if resume and (folder / "eval.json").is_file():
-        info = json.loads((folder / "run.json").read_text())
-        if {k: info.get(k) for k in identity} == json.loads(json.dumps(identity)):
-            return read_row(folder)
+    trained_as = _training_identity(variant, seed, settings, config)
+    evaluated_as = {k: getattr(settings, k) for k in EVAL_FIELDS}
     start = time.perf_counter()
     data, val = load_corpus(settings.data, tokenizer)
-    seed_everything(seed)
-    model = build_model(config)
-    cfg = TrainConfig(
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        seq_len=settings.seq_len,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        warmup_steps=max(1, round(settings.warmup * settings.steps)),
-        halting_lr_scale=settings.halting_lr_scale,
-        seed=seed,
-        checkpoint_every=max(1, settings.steps // 4),
-        keep_checkpoints=1,
-        progress=False,
+    earlier = _trained_as(folder)
+    if resume and earlier is not None and earlier != trained_as:
+        raise ValueError(
+            f"{folder} holds a {variant} run trained otherwise ({', '.join(_differences(earlier, trained_as))}); "
+            f"resume with the settings it was trained with, write to another --out, or move that folder away"
+        )
+    finished = resume and earlier == trained_as and _final_step(folder) == settings.steps
+    if finished and (folder / "eval.json").is_file() and read_row(folder).get("evaluated_as") == evaluated_as:
+        return read_row(folder)
+    if finished:
+        model, _ = load_trained(folder)
+    else:
+        seed_everything(seed)
+        model = build_model(config)
+        cfg = TrainConfig(
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            seq_len=settings.seq_len,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            warmup_steps=max(1, round(settings.warmup * settings.steps)),
+            halting_lr_scale=settings.halting_lr_scale,
+            seed=seed,
+            checkpoint_every=max(1, settings.steps // 4),
+            keep_checkpoints=1,
+            progress=False,
+        )
+        info = dict(recipe="iso_flops", tokenizer=tokenizer.name, train=cfg.to_dict(), **trained_as)
+        train(
+            model,
+            data,
+            cfg,
+            folder,
+            resume=resume and latest_checkpoint(folder) is not None,
+            val_data=val,
+            tokenizer=tokenizer.name,
+            run_info=info,
+        )
+    stats, report = evaluate_tokens(
+        model, val, settings.seq_len, max_windows=settings.eval_windows, spread=settings.eval_spread
     )
-    info = dict(recipe="iso_flops", tokenizer=tokenizer.name, train=cfg.to_dict(), **identity)
-    train(
-        model,
-        data,
-        cfg,
-        folder,
-        resume=resume and latest_checkpoint(folder) is not None,
-        val_data=val,
-        tokenizer=tokenizer.name,
-        run_info=info,
-    )
-    stats, report = evaluate_tokens(model, val, settings.seq_len, max_windows=settings.eval_windows)
     reference = build_model(variant_config("ponder", settings, _vocab(tokenizer)), device="meta")
     full = flops.count(reference, torch.full_like(stats.depth, 4), execution="dense").total
     used = flops.count(model.eval(), stats.depth).total
@@ -267,6 +287,7 @@ def run_variant(
         "own_spearman": report.depth_nll_spearman,
         "halting_kwargs": config.halting_kwargs,
         "tokens": report.tokens,
+        "evaluated_as": evaluated_as,
         "seconds": time.perf_counter() - start,
     }
     save_file(
@@ -275,6 +296,43 @@ def run_variant(
     )
     (folder / "eval.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+def _training_identity(variant: str, seed: int, settings: IsoSettings, config: ModelConfig) -> dict[str, Any]:
+    trained = {k: v for k, v in settings.to_dict().items() if k not in EVAL_FIELDS}
+    identity = {"variant": variant, "seed": seed, "settings": trained, "model_config": config.to_dict()}
+    return json.loads(json.dumps(identity))  # as it reads back from run.json
+
+
+def _trained_as(folder: Path) -> dict[str, Any] | None:
+    """The training identity ``folder/run.json`` records (``None`` without one)."""
+    if not (folder / "run.json").is_file():
+        return None
+    info = json.loads((folder / "run.json").read_text())
+    settings = {k: v for k, v in (info.get("settings") or {}).items() if k not in EVAL_FIELDS}
+    return {"variant": info.get("variant"), "seed": info.get("seed"), "settings": settings,
+            "model_config": info.get("model_config")}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts, each as ``key: old -> new``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _final_step(folder: Path) -> int | None:
+    from zoo.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+    if checkpoint is None:
+        return None
+    return int(json.loads((checkpoint / "trainer.json").read_text())["step"])
 
 
 def read_row(folder: str | Path) -> dict[str, Any]:
@@ -490,20 +548,26 @@ def plot_depth_vs_nll(folders: dict[tuple[str, int], Path], path: str | Path, pa
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     seeds = sorted(s for v, s in folders if v == "adaponder" and ("ponder", s) in folders)
+    shares: dict[int, list[float]] = {}
+    tops: dict[int, float] = {}
     for seed in seeds:
         depth = _tokens(folders[("adaponder", seed)])["depth"].long().flatten()
         nll = _tokens(folders[("ponder", seed)])["nll"].double().flatten()
-        xs, ys, shares = [], [], []
+        xs, ys = [], []
         for d in range(1, passes + 1):
             chosen = depth == d
             if bool(chosen.any()):
                 xs.append(d)
                 ys.append(float(nll[chosen].mean()))
-                shares.append(float(chosen.double().mean()))
+                shares.setdefault(d, []).append(float(chosen.double().mean()))
+                tops[d] = max(tops.get(d, -math.inf), ys[-1])
         ax.plot(xs, ys, marker="o", label=f"seed {seed}")
-        for x, y, share in zip(xs, ys, shares):
-            ax.annotate(f"{100 * share:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for d, values in shares.items():  # one label per depth: the share of tokens, mean over seeds
+        ax.annotate(f"{100 * np.mean(values):.0f}% of tokens", (d, tops[d]), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=7)
     ax.set_xticks(range(1, passes + 1))
+    ax.set_xlim(0.6, passes + 0.4)
+    ax.margins(y=0.15)
     ax.set_xlabel("passes AdaPonder ran (depth)")
     ax.set_ylabel("mean NLL under 4-pass PonderLM (nats)")
     ax.set_title("are the tokens that run longer the hard ones?")

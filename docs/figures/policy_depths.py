@@ -181,7 +181,7 @@ def running_gate_medians(
 
     The gate scales those tokens' pondering update; other policies scale it by 1.
     """
-    ids = torch.as_tensor(eval_windows(val, seq_len, windows))[:, :-1]  # (N, T)
+    ids = torch.as_tensor(eval_windows(val, seq_len, windows, spread=True))[:, :-1]  # (N, T)
     gates, running = [], []
     for first in range(0, ids.shape[0], 8):
         out = model(ids[first : first + 8], execution="dense")
@@ -197,7 +197,7 @@ def measure(model: zoo.RecurrentLM, demo: dict, act_steps: int, eval_windows: in
     seq_len, passes = demo["seq_len"], model.config.passes
 
     def run(name: str, m: zoo.RecurrentLM, **extra) -> dict:
-        report = evaluate(m, val, seq_len, max_windows=eval_windows)
+        report = evaluate(m, val, seq_len, max_windows=eval_windows, spread=True)
         print(f"{name}: mean depth {report.mean_depth:.3f}, perplexity {report.perplexity:.3f}, "
               f"compute saved {_percent(report.compute_saved)}")
         return entry(m, report, **extra)
