@@ -13,8 +13,10 @@ Hugging Face folder::
 
 Prints each stage's progress bar and, at the end, the validation perplexity, mean depth and
 compute of the result. Writes ``<out>/stage1/`` and ``<out>/stage2/`` (run folders as
-``pretrain.py`` writes them: metrics.jsonl, checkpoints/), ``<out>/run.json`` and
-``<out>/eval.json``. ``--resume`` continues whichever stage was interrupted.
+``pretrain.py`` writes them: metrics.jsonl, checkpoints/, run.json) and ``<out>/eval.json``.
+``--resume`` continues whichever stage was interrupted (``--allow-change KEYS`` names the
+settings that may differ from the interrupted run's). The tokenizer is ``--tokenizer`` or
+the folder's ``tokenizer.json``; without either the run is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch.distributed as dist
 
 import zoo
 from zoo.analysis import evaluate, format_report
-from zoo.data import load_corpus, load_tokenizer
+from zoo.checkpoint import atomic_write
+from zoo.config import parse_overrides
+from zoo.data import load_corpus, resolve_tokenizer
 from zoo.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -38,7 +42,6 @@ from zoo.train import (
     load_trained,
     seed_everything,
     train,
-    write_run_info,
 )
 from zoo.registry import add_plugin_option, import_plugins
 
@@ -89,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="embedded", help="'embedded', a pre-tokenized .bin, or text/jsonl files")
     p.add_argument("--val-data", default=None, help="validation source; default: held out from --data")
     p.add_argument(
-        "--tokenizer", default=None, help="'byte' or a tokenizer.json; default: the folder's tokenizer.json"
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json; default: the folder's tokenizer.json (required without one)",
     )
     p.add_argument(
         "--bin-dtype", default=None, help="token dtype of .bin files; default from the .idx or uint16"
@@ -99,8 +104,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--override",
         action="append",
         default=[],
-        metavar="FIELD=JSON",
-        help="a ModelConfig override, e.g. embed_scale=45.25 for a PonderLM start",
+        metavar="FIELD=VALUE",
+        help="a ModelConfig override, plain or JSON, e.g. embed_scale=45.25 for a PonderLM start",
+    )
+    p.add_argument(
+        "--allow-change",
+        default="",
+        metavar="KEYS",
+        help="with --resume: comma-separated settings that may differ from the run's, e.g. lr,grad_clip",
     )
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="stage 1 peak learning rate")
     p.add_argument("--lr", type=float, default=d.lr, help="stage 2 peak learning rate")
@@ -129,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_model(args: argparse.Namespace) -> zoo.RecurrentLM:
     """The Pythia weights as a 4-pass AdaPonder model with fresh, open gates."""
-    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.override)}
+    overrides = parse_overrides(args.override)
     ramp = max(1, round(Setting.ramp * args.gate_steps))
     seed_everything(args.seed)  # the gates are the only fresh parameters
     return zoo.from_hf(
@@ -167,7 +178,7 @@ def stage_config(args: argparse.Namespace, stage: int) -> TrainConfig:
 # Train ---------------------------------------------------------------------------------------
 
 
-def run_stage(args, stage: int, model, data, val, ctx) -> str | None:
+def run_stage(args, stage: int, model, data, val, tokenizer, info: dict, ctx) -> str | None:
     """Trains one stage into ``<out>/stage<k>``; returns how it stopped (``None``: finished)."""
     folder = Path(args.out) / f"stage{stage}"
     cfg = stage_config(args, stage)
@@ -182,7 +193,16 @@ def run_stage(args, stage: int, model, data, val, ctx) -> str | None:
         what = "gates alone, backbone frozen" if stage == 1 else "every parameter"
         print(f"stage {stage}: {cfg.steps} steps, {what}, peak lr {cfg.lr:g}")
     return train(
-        model, data, cfg, folder, resume=args.resume and done is not None, val_data=val, ctx=ctx
+        model,
+        data,
+        cfg,
+        folder,
+        resume=args.resume and done is not None,
+        allow_change=[key for key in args.allow_change.split(",") if key],
+        val_data=val,
+        tokenizer=tokenizer.name,
+        run_info={**info, "stage": stage, "train": cfg.to_dict()},
+        ctx=ctx,
     ).stopped
 
 
@@ -195,23 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     import_plugins(args.plugin)  # parts defined outside the library register now
     ctx = init_distributed(args.device)
     try:
-        tokenizer_spec = args.tokenizer or (
-            str(Path(args.hf) / "tokenizer.json") if (Path(args.hf) / "tokenizer.json").is_file() else "byte"
-        )
-        tokenizer = load_tokenizer(tokenizer_spec)
-        data, val = load_corpus(args.data, tokenizer, val_data=args.val_data, dtype=args.bin_dtype)
         model = start_model(args)
+        beside = Path(args.hf) / "tokenizer.json"
+        named = str(beside) if beside.is_file() else None
+        tokenizer = resolve_tokenizer(args.tokenizer, named, model.config.vocab_size, args.hf)
+        data, val = load_corpus(args.data, tokenizer, val_data=args.val_data, dtype=args.bin_dtype)
+        info = dict(
+            recipe="continue",
+            hf=args.hf,
+            tokenizer=tokenizer.name,
+            data=args.data,
+            setting=asdict(Setting()),
+            model_config=model.config.to_dict(),
+        )
         if ctx.is_main:
-            write_run_info(
-                args.out,
-                recipe="continue",
-                hf=args.hf,
-                tokenizer=tokenizer.name,
-                data=args.data,
-                setting=asdict(Setting()),
-                args=vars(args),
-                model_config=model.config.to_dict(),
-            )
             print(
                 f"from {args.hf}: {model.num_parameters():,} parameters "
                 f"({sum(p.numel() for p in model.halting.parameters()):,} in the fresh gates)"
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage in (1, 2):
                 if stage == 2:
                     model, _ = load_trained(Path(args.out) / "stage1")  # stage 1's final weights
-                if run_stage(args, stage, model, data, val, ctx) == "sigterm":
+                if run_stage(args, stage, model, data, val, tokenizer, info, ctx) == "sigterm":
                     return 143
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -229,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             final, _ = load_trained(Path(args.out) / "stage2", device=ctx.device)
             report = evaluate(final, val, args.seq_len, max_windows=args.eval_windows)
             print(format_report("continued", report))
-            (Path(args.out) / "eval.json").write_text(json.dumps(report.to_dict(), indent=2))
+            with atomic_write(Path(args.out) / "eval.json") as tmp:
+                tmp.write_text(json.dumps(report.to_dict(), indent=2))
         return 0
     finally:
         if dist.is_initialized():

@@ -33,7 +33,7 @@ from zoo.analysis import (
     plot_depth_vs_nll,
     plot_token_depth,
 )
-from zoo.data import load_corpus, load_tokenizer
+from zoo.data import load_corpus, resolve_tokenizer
 from zoo.train import load_trained
 from zoo.registry import add_plugin_option, import_plugins
 
@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--val-data", default=None, help="an explicit validation source (used as is)")
     p.add_argument(
-        "--tokenizer", default=None, help="'byte' or a tokenizer.json; default: the one the run names"
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json; default: the one the run or folder names (required otherwise)",
     )
     p.add_argument(
         "--seq-len",
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def open_model(args: argparse.Namespace):
     """The model (eval mode), its tokenizer and the window length to evaluate with."""
     model, named = load_trained(args.model, device=args.device)
-    tokenizer = load_tokenizer(args.tokenizer or named or "byte")
+    tokenizer = resolve_tokenizer(args.tokenizer, named, model.config.vocab_size, args.model)
     seq_len = args.seq_len
     info = Path(args.model) / "run.json"
     if seq_len is None and info.is_file():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from zoo.analysis import format_depth_text
-from zoo.data import load_tokenizer
+from zoo.data import resolve_tokenizer
 from zoo.train import load_trained
 from zoo.registry import add_plugin_option, import_plugins
 
@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-text token")
     p.add_argument(
-        "--tokenizer", default=None, help="'byte' or a tokenizer.json; default: the one the run names"
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json; default: the one the run or folder names (required otherwise)",
     )
     p.add_argument(
         "--style",
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def generate(args: argparse.Namespace) -> dict:
     """Generates after ``--prompt``; returns the new tokens, their texts and depths."""
     model, named = load_trained(args.model, device=args.device)
-    tokenizer = load_tokenizer(args.tokenizer or named or "byte")
+    tokenizer = resolve_tokenizer(args.tokenizer, named, model.config.vocab_size, args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty after tokenization; give at least one character")

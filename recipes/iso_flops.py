@@ -1,22 +1,21 @@
-"""Iso-FLOPs: learned gates against fixed pruning at the same mean depth, and full-depth baselines.
+"""Iso-FLOPs: AdaPonder against the fixed-depth frontier and fixed pruning, on paired seeds.
 
-AdaPonderLM's claim (REFERENCES.md): learned gates beat fixed pruning with uniform and
-geometric schedules at equal FLOPs. This recipe trains, with identical data, steps and
-seed, at a size a CPU affords:
+The experiment of record for adaptive depth (:mod:`zoo.iso_flops`). For every seed it
+trains, from the same backbone weights and on the same batches: one pass (``single``),
+PonderLM at 2, 3 and 4 passes (``ponder_2``, ``ponder_3``, ``ponder``), LoopTransformer
+(``loop``), AdaPonder (``adaponder``) and fixed pruning with a uniform and a geometric
+schedule at that seed's AdaPonder depth (``fixed_uniform``, ``fixed_geometric``). The
+runs go to ``--workers`` processes in parallel. Then it reads the fixed-depth frontier at
+AdaPonder's compute, checks the targets and draws the figures::
 
-1. ``adaponder``: ``mlp_gate`` gates (two-stage schedule), then measures its mean depth d
-   on the validation split;
-2. ``fixed_uniform`` / ``fixed_geometric``: ``fixed_prune`` with the ratio whose expected
-   mean depth is d (``ratio_for_depth``), the same compute;
-3. ``ponder`` and ``loop``: PonderLM and LoopTransformer at full depth (4 passes).
+    python recipes/iso_flops.py --steps 500 --seeds 2 --out runs/iso_flops
 
-::
-
-    python recipes/iso_flops.py --steps 300 --out runs/iso_flops
-
-Prints and writes (``<out>/iso_flops.md``, ``<out>/iso_flops.json``) a table: mean depth,
-compute relative to 4-pass PonderLM, "x one-pass" (layers), and validation perplexity.
-Each variant's run folder is ``<out>/<variant>/``; ``--resume`` skips finished variants.
+Writes ``<out>/iso_flops.json`` (``rows``: one record per variant and seed with
+``perplexity``, ``mean_depth``, ``effective_depth``, ``compute`` relative to 4-pass
+PonderLM, and ``depth_nll_spearman`` for AdaPonder; ``summary``: means, spread, the
+frontier and the targets), ``<out>/iso_flops.md`` (the tables),
+``<out>/perplexity_vs_compute.png`` and ``<out>/depth_vs_nll.png``. Each run's folder is
+``<out>/<variant>-seed<N>/``; ``--resume`` reuses finished runs.
 """
 
 from __future__ import annotations
@@ -24,192 +23,169 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import fields, replace
+from multiprocessing import get_context
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
 
-import zoo
-from zoo.analysis import EvalReport, evaluate
-from zoo.data import ByteTokenizer, load_corpus
-from zoo.halting.fixed_prune import ratio_for_depth
-from zoo.train import TrainConfig, seed_everything, train, write_run_info
-
-
-@dataclass(frozen=True)
-class IsoSettings:
-    """The shared training settings (the pretrain.py tiny setting).
-
-    Attributes:
-        size: the preset size every variant is built at.
-        steps: optimizer steps per variant.
-        batch_size: sequences per step.
-        seq_len: context length.
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay on matrices.
-        warmup: share of steps warming up the learning rate.
-        stage1: AdaPonder: share of steps on cross-entropy alone.
-        ramp: AdaPonder: share of steps over which the bottom-k fraction rises to k_max.
-        eval_windows: validation windows (None: the whole validation split).
-    """
-
-    size: str = "tiny"
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup: float = 0.02
-    stage1: float = 0.3
-    ramp: float = 0.3
-    eval_windows: int | None = None
+from zoo.config import parse_overrides
+from zoo.corpora import STDLIB
+from zoo.data import load_corpus, load_tokenizer
+from zoo.iso_flops import (
+    VARIANTS,
+    IsoSettings,
+    plot_depth_vs_nll,
+    plot_perplexity_vs_compute,
+    run_variant,
+    summarize,
+)
+from zoo.registry import add_plugin_option, import_plugins
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; ``--help`` lists every option."""
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, IsoSettings]:
+    """The command line, and the settings it describes; ``--help`` lists every option."""
     d = IsoSettings()
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", required=True, help="folder of the variants' runs and the table")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per variant")
+    p.add_argument("--out", required=True, help="folder of the runs, the tables and the figures")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of every run")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each with every variant")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    p.add_argument("--workers", type=int, default=2, help="runs trained in parallel, one process and thread each")
+    p.add_argument("--data", default=d.data, help="corpus: stdlib, embedded, or a path")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="byte, stdlib-bpe-<V>, or a tokenizer.json")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="context length")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seeds initialisation and data (the same for every variant)"
-    )
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per run")
     p.add_argument(
         "--override",
         action="append",
         default=[],
-        metavar="FIELD=JSON",
-        help="a ModelConfig override for every variant, e.g. dim=128",
+        metavar="FIELD=VALUE",
+        help="a ModelConfig field for every variant (e.g. dim=96, num_layers=1); halting_kwargs={...} "
+        "is merged into AdaPonder's gate settings",
     )
-    p.add_argument(
-        "--target-depth",
-        type=float,
-        default=None,
-        help="match fixed pruning to this mean depth instead of AdaPonder's",
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out, continue interrupted ones")
+    add_plugin_option(p)
+    a = p.parse_args(argv)
+    unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if a.seeds < 1 or a.workers < 1:
+        p.error("--seeds and --workers must be at least 1")
+    overrides = parse_overrides(a.override)
+    shape = {f.name for f in fields(IsoSettings)} & set(overrides)  # shape fields are settings of their own
+    settings = replace(
+        d,
+        data=a.data,
+        tokenizer=a.tokenizer,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        lr=a.lr,
+        eval_windows=a.eval_windows,
+        overrides={k: v for k, v in overrides.items() if k not in shape},
+        **{k: overrides[k] for k in shape},
     )
-    p.add_argument(
-        "--eval-windows", type=int, default=d.eval_windows, help="validation windows (default: all)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (one is fastest for models this small)"
-    )
-    p.add_argument("--resume", action="store_true", help="reuse the variants already finished in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return a, settings
 
 
-# Build ---------------------------------------------------------------------------------------
+# Run ------------------------------------------------------------------------------------------
 
 
-def variant_config(name: str, args: argparse.Namespace, depth: float | None) -> zoo.ModelConfig:
-    """The config of one variant; fixed pruning gets the ratio whose expected mean depth is ``depth``."""
-    s = IsoSettings()
-    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.override)}
-    if name == "adaponder":
-        stages = {"warmup_steps": int(s.stage1 * args.steps), "ramp_steps": int(s.ramp * args.steps)}
-        return zoo.preset(f"adaponder-pythia-{s.size}", halting_kwargs=stages, **overrides)
-    if name.startswith("fixed_"):
-        schedule = name.removeprefix("fixed_")
-        ratio = ratio_for_depth(depth, 4, schedule)
-        return zoo.preset(
-            f"adaponder-pythia-{s.size}",
-            halting="fixed_prune",
-            halting_kwargs={"ratio": ratio, "schedule": schedule},
-            **overrides,
-        )
-    return zoo.preset(f"{name}-pythia-{s.size}", **overrides)
+def run_all(args: argparse.Namespace, settings: IsoSettings) -> tuple[list[dict], dict]:
+    """Every (variant, seed), in parallel processes; fixed pruning once its seed's AdaPonder is done."""
+    out = Path(args.out)
+    wanted = args.variants.split(",")
+    folders = {(v, s): out / f"{v}-seed{s}" for v in wanted for s in range(args.seeds)}
+    fixed = [v for v in wanted if v.startswith("fixed_")]
+    if fixed and "adaponder" not in wanted:
+        raise SystemExit("fixed pruning is matched to AdaPonder's depth: keep 'adaponder' in --variants")
+    first = [(v, s) for (v, s) in folders if not v.startswith("fixed_")]
+    first.sort(key=lambda key: key[0] != "adaponder")  # AdaPonder first: fixed pruning waits for it
+    rows: list[dict] = []
+    plugins = tuple(args.plugin)
+    with (
+        ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool,
+        tqdm(total=len(folders), desc="runs", unit="run") as bar,
+    ):
+
+        def submit(variant: str, seed: int, depth: float | None = None):
+            return pool.submit(
+                run_variant, variant, seed, settings, folders[(variant, seed)], depth, args.resume, plugins
+            )
+
+        pending = {submit(v, s): (v, s) for v, s in first}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                variant, seed = pending.pop(future)
+                row = future.result()
+                rows.append(row)
+                bar.update(1)
+                bar.write(
+                    f"{variant} seed {seed}: perplexity {row['perplexity']:.3f}, depth {row['mean_depth']:.2f}, "
+                    f"compute {100 * row['compute']:.1f}% ({row['seconds']:.0f} s)"
+                )
+                if variant == "adaponder":
+                    for other in fixed:
+                        pending[submit(other, seed, row["mean_depth"])] = (other, seed)
+    return rows, folders
 
 
-# Train / evaluate ----------------------------------------------------------------------------
+# Report -----------------------------------------------------------------------------------------
 
 
-def run_variant(name: str, args: argparse.Namespace, depth: float | None, data, val) -> EvalReport:
-    """Trains one variant into ``<out>/<name>`` and evaluates it on the validation split."""
-    s = IsoSettings()
-    folder = Path(args.out) / name
-    if args.resume and (folder / "eval.json").is_file():
-        print(f"{name}: finished earlier, reusing {folder / 'eval.json'}")
-        return EvalReport(
-            **{
-                k: v
-                for k, v in json.loads((folder / "eval.json").read_text()).items()
-                if k != "compute_saved"
-            }
-        )
-    config = variant_config(name, args, depth)
-    seed_everything(args.seed)
-    model = zoo.build_model(config)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-        warmup_steps=max(1, round(s.warmup * args.steps)),
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    write_run_info(
-        folder,
-        recipe="iso_flops",
-        variant=name,
-        tokenizer="byte",
-        train=cfg.to_dict(),
-        model_config=config.to_dict(),
-    )
-    print(f"{name}: halting {config.halting} {config.halting_kwargs}, recurrence {config.recurrence}")
-    train(model, data, cfg, folder, resume=args.resume and (folder / "checkpoints").is_dir())
-    report = evaluate(model, val, args.seq_len, max_windows=args.eval_windows)
-    (folder / "eval.json").write_text(json.dumps(report.to_dict(), indent=2))
-    return report
-
-
-def table(reports: dict[str, EvalReport]) -> str:
-    """The markdown table of the variants."""
-    lines = [
-        "| variant | mean depth | compute vs PonderLM | x one-pass (layers) | val perplexity |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in reports.items():
+def tables(rows: list[dict], summary: dict) -> str:
+    """The markdown tables: every run, the means with spread, the frontier, the targets."""
+    lines = ["| variant | seed | perplexity | mean depth | effective depth | compute |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["seed"])):
         lines.append(
-            f"| {name} | {r.mean_depth:.3f} | {100 * r.compute_vs_full:.1f}% | "
-            f"{r.compute_vs_single:.2f}x | {r.perplexity:.3f} |"
+            f"| {r['variant']} | {r['seed']} | {r['perplexity']:.3f} | {r['mean_depth']:.3f} | "
+            f"{r['effective_depth']:.3f} | {100 * r['compute']:.1f}% |"
         )
+    lines += ["", "| variant | perplexity, mean (min-max) | compute, mean |", "|---|---|---|"]
+    for name, v in summary["variants"].items():
+        p = v["perplexity"]
+        lines.append(f"| {name} | {p['mean']:.3f} ({p['min']:.3f}-{p['max']:.3f}) | {100 * v['compute']['mean']:.1f}% |")
+    if summary["frontier"]:
+        lines += ["", "| seed | AdaPonder compute | AdaPonder ppl | frontier ppl there | ratio |", "|---|---|---|---|---|"]
+        for e in summary["frontier"]:
+            front = "-" if e["frontier"] is None else f"{e['frontier']:.3f}"
+            ratio = "-" if e["ratio"] is None else f"{e['ratio']:.4f}"
+            lines.append(f"| {e['seed']} | {100 * e['compute']:.1f}% | {e['adaponder']:.3f} | {front} | {ratio} |")
+    lines += ["", "| target | measured (mean over seeds) | holds |", "|---|---|---|"]
+    for t in summary["targets"]:
+        lines.append(f"| {t['target']} | {json.dumps(t['value'])} | {'yes' if t['holds'] else 'no'} |")
     return "\n".join(lines)
 
 
-# Main ----------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Trains and compares every variant; returns the exit status."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    data, val = load_corpus("embedded", ByteTokenizer())
-    reports = {"adaponder": run_variant("adaponder", args, None, data, val)}
-    depth = args.target_depth or reports["adaponder"].mean_depth
-    print(f"matching fixed pruning to mean depth {depth:.3f}")
-    for name in ("fixed_uniform", "fixed_geometric", "ponder", "loop"):
-        reports[name] = run_variant(name, args, depth, data, val)
-    text = table(reports)
+    """Runs the experiment; returns the exit status."""
+    args, settings = parse_args(argv)
+    import_plugins(args.plugin)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(settings.tokenizer)  # trains and caches a BPE before the workers start
+    if settings.data == STDLIB:
+        load_corpus(settings.data, tokenizer)  # tokenizes and caches the corpus once
+    rows, folders = run_all(args, settings)
+    done = {key: folder for key, folder in folders.items() if (folder / "eval.json").is_file()}
+    summary = summarize(rows, done)
+    text = tables(rows, summary)
     print(text)
-    (Path(args.out) / "iso_flops.md").write_text(text + "\n")
-    (Path(args.out) / "iso_flops.json").write_text(
-        json.dumps(
-            {
-                "settings": asdict(IsoSettings()),
-                "args": vars(args),
-                "target_depth": depth,
-                "results": {k: v.to_dict() for k, v in reports.items()},
-            },
-            indent=2,
-        )
-    )
+    (out / "iso_flops.md").write_text(text + "\n")
+    record = {"settings": settings.to_dict(), "seeds": args.seeds, "rows": rows, "summary": summary}
+    (out / "iso_flops.json").write_text(json.dumps(record, indent=2))
+    plot_perplexity_vs_compute(rows, out / "perplexity_vs_compute.png")
+    if any(v == "adaponder" for v, _ in done) and any(v == "ponder" for v, _ in done):
+        plot_depth_vs_nll(done, out / "depth_vs_nll.png")
+    print(f"wrote {out / 'iso_flops.json'}, {out / 'iso_flops.md'} and the figures")
     return 0
 
 

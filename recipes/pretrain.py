@@ -8,10 +8,13 @@ On GPUs, a Pythia size with the PonderLM hyperparameters (the global batch of 10
 tokens is the same for any number of processes; FSDP2 is used from 1B parameters up)::
 
     torchrun --nproc_per_node 8 recipes/pretrain.py --model adaponder-pythia-70m --steps 12500 \\
-        --data /data/pile_train.bin --val-data /data/pile_val.bin --out runs/adaponder-70m
+        --data /data/pile_train.bin --val-data /data/pile_val.bin --tokenizer pythia/tokenizer.json \\
+        --out runs/adaponder-70m
 
 Stop and continue exactly: ``--stop-after K`` stops after step K (with a checkpoint),
 ``--resume`` continues from the latest checkpoint of ``--out``; SIGTERM also checkpoints.
+A resume must repeat the run's settings; ``--allow-change lr,grad_clip`` names those that
+may differ (e.g. a lower ``--lr`` after the loss diverged). One run per ``--out`` at a time.
 
 Prints a progress bar (loss, learning rate, mean depth, tokens/s), then the validation
 perplexity, mean depth, halting per pass and compute of the final model. Writes
@@ -26,22 +29,17 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import zoo
 from zoo.analysis import evaluate, format_report
-from zoo.data import load_corpus, load_tokenizer
-from zoo.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    init_distributed,
-    load_trained,
-    seed_everything,
-    train,
-    write_run_info,
-)
+from zoo.checkpoint import atomic_write
+from zoo.config import parse_overrides
+from zoo.data import load_corpus, resolve_tokenizer
+from zoo.train import NonFiniteLossError, TrainConfig, init_distributed, load_trained, seed_everything, train
 from zoo.registry import add_plugin_option, import_plugins
 
 
@@ -102,13 +100,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the data order")
     p.add_argument("--data", default="embedded", help="'embedded', a pre-tokenized .bin, or text/jsonl files")
     p.add_argument("--val-data", default=None, help="validation source; default: held out from --data")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path (for text data)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json path; default 'byte' for text data, required for a .bin",
+    )
     p.add_argument("--bin-dtype", default=None, help=".bin token dtype (default: from the .idx, else uint16)")
     p.add_argument("--seq-len", type=int, default=None, help="override the setting's context length")
     p.add_argument("--batch-size", type=int, default=None, help="override the setting's sequences per step")
     p.add_argument("--micro-batch-size", type=int, default=None, help="override sequences per forward")
     p.add_argument("--lr", type=float, default=None, help="override the setting's peak learning rate")
-    p.add_argument("--override", action="append", default=[], help="ModelConfig FIELD=JSON, e.g. dim=128")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a ModelConfig field, plain or JSON: dim=128, halting=act, "
+        "'halting_kwargs={\"threshold\": 0.01}'",
+    )
+    p.add_argument(
+        "--allow-change",
+        default="",
+        metavar="KEYS",
+        help="with --resume: comma-separated settings that may differ from the run's, e.g. lr,grad_clip",
+    )
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between logged val losses (0: never)")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows for the final evaluation")
@@ -140,13 +155,9 @@ def size_of(name: str) -> str:
     return size
 
 
-def build_model(args: argparse.Namespace, setting: Setting):
+def model_config(args: argparse.Namespace, setting: Setting) -> zoo.ModelConfig:
     """The preset with ``--override`` applied and, for AdaPonder, the two-stage gate schedule."""
-    overrides = {}
-    for item in args.override:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    config = zoo.preset(args.model, **overrides)
+    config = zoo.preset(args.model, **parse_overrides(args.override))
     if config.halting == "mlp_gate":
         # The AdaPonder two-stage schedule: cross-entropy alone, then the bottom-k loss ramped in.
         stages = {
@@ -154,8 +165,7 @@ def build_model(args: argparse.Namespace, setting: Setting):
             "ramp_steps": int(setting.ramp * args.steps),
         }
         config = config.replace(halting_kwargs={**stages, **config.halting_kwargs})
-    seed_everything(args.seed)
-    return zoo.build_model(config)
+    return config
 
 
 # Train ---------------------------------------------------------------------------------------
@@ -192,9 +202,23 @@ def final_evaluation(args: argparse.Namespace, cfg: TrainConfig, val, device) ->
     model, _ = load_trained(args.out, device=device)
     report = evaluate(model, val, cfg.seq_len, max_windows=args.eval_windows)
     print(format_report(args.model, report))
-    with open(f"{args.out}/eval.json", "w") as handle:
-        json.dump(report.to_dict(), handle, indent=2)
+    with atomic_write(Path(args.out) / "eval.json") as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2))
     return report.to_dict()
+
+
+def training_tokenizer(args: argparse.Namespace, vocab_size: int):
+    """``--tokenizer``; for text data ``byte`` by default, for pre-tokenized ``.bin`` data required
+    (its ids come from some tokenizer the run must record, or evaluation would guess)."""
+    spec = args.tokenizer
+    if spec is None:
+        if any(str(d).endswith(".bin") for d in (args.data, args.val_data) if d):
+            raise ValueError(
+                "--data is pre-tokenized (.bin): pass --tokenizer with the tokenizer.json that made "
+                "it (or --tokenizer byte if its ids are UTF-8 bytes), so the run records how to read it"
+            )
+        spec = "byte"
+    return resolve_tokenizer(spec, None, vocab_size, args.model)
 
 
 # Main ----------------------------------------------------------------------------------------
@@ -209,28 +233,40 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        config = model_config(args, setting)
+        tokenizer = training_tokenizer(args, config.vocab_size)
         train_data, val_data = load_corpus(args.data, tokenizer, val_data=args.val_data, dtype=args.bin_dtype)
-        model = build_model(args, setting)
         cfg = train_config(args, setting)
+        seed_everything(args.seed)
+        model = zoo.build_model(config)
+        info = dict(
+            recipe="pretrain",
+            model=args.model,
+            tokenizer=tokenizer.name,
+            data=args.data,
+            setting=dataclasses.asdict(setting),
+            train=cfg.to_dict(),
+            model_config=model.config.to_dict(),
+            world_size=ctx.world_size,
+        )
         if ctx.is_main:
-            write_run_info(
-                args.out,
-                recipe="pretrain",
-                model=args.model,
-                tokenizer=tokenizer.name,
-                data=args.data,
-                setting=dataclasses.asdict(setting),
-                train=cfg.to_dict(),
-                model_config=model.config.to_dict(),
-                world_size=ctx.world_size,
-            )
             print(
                 f"{args.model}: {model.num_parameters():,} parameters, {len(train_data):,} training tokens, "
                 f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {ctx.world_size} process(es)"
             )
         try:
-            result = train(model, train_data, cfg, args.out, resume=args.resume, val_data=val_data, ctx=ctx)
+            result = train(
+                model,
+                train_data,
+                cfg,
+                args.out,
+                resume=args.resume,
+                allow_change=[key for key in args.allow_change.split(",") if key],
+                val_data=val_data,
+                tokenizer=tokenizer.name,
+                run_info=info,
+                ctx=ctx,
+            )
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -7,6 +7,7 @@ pay for the import.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,3 +122,30 @@ def hf_neox_folder(tmp_path: Path, make_hf_neox: Callable[..., Any]) -> Callable
         return model, folder
 
     return write
+
+
+@pytest.fixture(scope="session")
+def modules_cache(tmp_path_factory):
+    """transformers copies remote code into its modules cache (under HF_HOME, read at import)
+    and imports it as the package ``transformers_modules`` found on sys.path: here a
+    temporary cache, first on sys.path, with sys.path and sys.modules as they were
+    afterwards.
+
+    First, because another cache on sys.path (the user's, or one appended earlier in the
+    process) holding a ``transformers_modules`` package would be found instead, and the
+    remote code's relative imports would fail with ``No module named
+    'transformers_modules.out'``. Once per process (so here and not in a test module, where
+    pytest sets a fixture up again when a worker comes back to the module)."""
+    from transformers import dynamic_module_utils
+
+    def forget_remote_modules():
+        for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+            del sys.modules[name]
+
+    cache = str(tmp_path_factory.mktemp("hf-modules"))
+    forget_remote_modules()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", cache)
+        patch.setattr(sys, "path", [cache, *sys.path])
+        yield
+    forget_remote_modules()

@@ -20,6 +20,7 @@ from zoo.data import (
     load_corpus,
     load_tokenizer,
     read_documents,
+    resolve_tokenizer,
     tokenize_documents,
     write_bin,
 )
@@ -203,3 +204,71 @@ def test_short_stream_and_eval_windows():
     assert windows.shape == (3, 17)
     assert windows[1, 0] == 16 and windows[2, -1] == 48  # each token predicted once
     assert eval_windows(stream, 16, max_windows=2).shape == (2, 17)
+
+
+# Bad data files name the file -------------------------------------------------------------------
+
+
+def test_empty_and_non_utf8_files_are_named(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"empty.txt is empty"):
+        read_documents(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3"):
+        read_documents(tmp_path / "latin1.txt")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl is not UTF-8 text"):
+        read_documents(tmp_path / "latin1.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"blank.jsonl holds no documents"):
+        read_documents(tmp_path / "blank.jsonl")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.bin is empty"):
+        load_bin(tmp_path / "empty.bin")
+
+
+def test_a_broken_jsonl_line_names_file_and_line(tmp_path):
+    (tmp_path / "cut.jsonl").write_text('{"text": "ok"}\n{"text": "cut off\n{"text": "fine"}\n')
+    with pytest.raises(ValueError, match=r"cut.jsonl:2: not valid JSON \(Unterminated string"):
+        read_documents(tmp_path / "cut.jsonl")
+
+
+def test_a_broken_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model":')
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+# The tokenizer rule: asked for, or named by the folder; never bytes by default --------------------
+
+
+def test_resolve_tokenizer_takes_what_is_asked_then_what_the_folder_names(tmp_path):
+    path = make_tokenizer_json(tmp_path)
+    assert resolve_tokenizer("byte", path, 512, "run").name == "byte"  # asked for wins
+    assert resolve_tokenizer(None, path, 512, "run").name == path
+    assert resolve_tokenizer(ByteTokenizer(), None, 512, "run").name == "byte"
+
+
+@pytest.mark.parametrize("vocab", [50304, 512, 257])
+def test_no_tokenizer_is_an_error_that_says_how_to_pass_one(vocab):
+    with pytest.raises(ValueError) as err:
+        resolve_tokenizer(None, None, vocab, "runs/x")
+    message = str(err.value)
+    assert "runs/x names no tokenizer" in message and f"{vocab} ids" in message
+    assert "--tokenizer PATH/tokenizer.json" in message and "--tokenizer byte" in message
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"byte produces ids up to 256, but the model of hf has 200"):
+        resolve_tokenizer("byte", None, 200, "hf")
+
+
+def test_fingerprint_identifies_content_not_name(tmp_path):
+    ids = np.arange(5000, dtype=np.uint16)
+    write_bin(tmp_path / "a.bin", ids)
+    on_disk, in_memory = load_bin(tmp_path / "a.bin"), TokenStream(ids.copy(), "other name")
+    assert on_disk.fingerprint()["tokens"] == in_memory.fingerprint()["tokens"] == 5000
+    changed = ids.copy()
+    changed[-1] += 1
+    assert TokenStream(changed, "x").fingerprint()["digest"] != in_memory.fingerprint()["digest"]
+    assert TokenStream(ids.copy(), "y").fingerprint()["digest"] == in_memory.fingerprint()["digest"]

@@ -24,7 +24,7 @@ from zoo.halting.fixed_prune import (
     ratio_for_depth,
     uniform_hash,
 )
-from zoo.halting.mlp_gate import MLPGate, bottom_k_mean
+from zoo.halting.mlp_gate import PAPER, MLPGate, bottom_k_mean
 from zoo.recurrence import run_dense
 from zoo.testing import run_policy
 
@@ -129,7 +129,7 @@ def test_bottom_k_hand_example():
     assert bottom_k_mean(gates, masks[:-1], torch.tensor(0.1)).item() == 0.0
     # k = floor(0.5 * 7) = 3 -> mean(0.05, 0.2, 0.3)
     assert bottom_k_mean(gates, masks[:-1], torch.tensor(0.5)).item() == pytest.approx(0.55 / 3)
-    policy = MLPGate(config(passes=3), lam=0.5, k_max=0.3)
+    policy = MLPGate(config(passes=3), lam=0.5, k_max=0.3, **PAPER)
     _, aux = policy.finish(gates, masks, {}, ctx_for(1, 4, passes=3))
     assert aux.item() == pytest.approx(0.5 * 0.125)
 
@@ -142,7 +142,7 @@ def test_bottom_k_floor_is_exact_for_round_products():
 
 
 def test_mlp_gate_aux_loss_in_model_follows_schedule_and_trains_gates(tiny):
-    model = tiny("mlp_gate", passes=3, warmup_steps=5, ramp_steps=10, lam=0.1, k_max=0.1)
+    model = tiny("mlp_gate", passes=3, warmup_steps=5, ramp_steps=10, lam=0.1, k_max=0.1, **PAPER)
     x = ids(B=2, T=32)
     assert model(x, execution="dense", step=3).aux_loss.item() == 0.0  # warm-up
     out = model(x, execution="dense", step=15)  # end of the ramp: k_s = k_max

@@ -1,4 +1,6 @@
-"""Hugging Face GPT-NeoX interop: logits parity with transformers in both directions."""
+"""Hugging Face GPT-NeoX interop: logits parity with transformers in both directions.
+
+Llama folders, Hub ids and adaptive models with remote code have their own test files."""
 
 from __future__ import annotations
 
@@ -10,26 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zoo
+from hf_helpers import hf_logits, ids_for, max_diff, zoo_logits
 
 TOL = 1e-4
 
-
-def ids_for(vocab: int, T: int = 24, B: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-@torch.no_grad()
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def zoo_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model.eval()(ids, execution="dense").logits
 
 
 CONFIGS = {
@@ -183,22 +169,33 @@ def test_to_hf_round_trip(tmp_path, randomize, overrides):
     assert max_diff(zoo_logits(back, ids), reference) == 0.0
 
 
-@pytest.mark.parametrize(
-    "name, overrides, reason",
-    [
-        ("ponder-pythia-tiny", dict(), "recurrence='ponder'"),
-        ("pythia-tiny", dict(embed_scale=2.0), "embed_scale"),
-        ("pythia-tiny", dict(block="llama"), "block='llama'"),
-        ("pythia-tiny", dict(num_kv_heads=2), "num_kv_heads"),
-        ("pythia-tiny", dict(bias=False), "bias=False"),
-    ],
-)
-def test_to_hf_refuses_what_gpt_neox_cannot_express(tmp_path, name, overrides, reason):
+PLAIN_REFUSALS = [
+    ("ponder-pythia-tiny", dict(), "GPT-NeoX", "recurrence='ponder'"),
+    ("pythia-tiny", dict(embed_scale=2.0), "GPT-NeoX", "embed_scale"),
+    ("pythia-tiny", dict(num_kv_heads=2), "GPT-NeoX", "num_kv_heads"),
+    ("pythia-tiny", dict(bias=False), "GPT-NeoX", "bias=False"),
+    ("pythia-tiny", dict(cache="kv_reuse"), "GPT-NeoX", "cache='kv_reuse'"),
+    ("pythia-tiny", dict(block="llama"), "Llama", "rotary_fraction=0.25"),
+    ("ponder-pythia-tiny", dict(block="llama", rotary_fraction=1.0), "Llama", "recurrence='ponder'"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, plain, reason", PLAIN_REFUSALS)
+def test_to_hf_without_remote_code_refuses_what_is_not_plain(tmp_path, name, overrides, plain, reason):
     model = zoo.build(name, **overrides)
-    with pytest.raises(ValueError, match="cannot be expressed as GPT-NeoX") as err:
-        zoo.to_hf(model, tmp_path / "out")
+    with pytest.raises(ValueError, match=f"cannot be expressed as {plain}") as err:
+        zoo.to_hf(model, tmp_path / "out", remote_code=False)
     assert reason in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, overrides, plain, reason", PLAIN_REFUSALS)
+def test_to_hf_writes_remote_code_for_the_rest_and_says_why(tmp_path, name, overrides, plain, reason):
+    folder = zoo.to_hf(zoo.build(name, **overrides), tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "ponder_zoo" and "auto_map" in config
+    card = (folder / "README.md").read_text()
+    assert f"It is not a {plain} model" in card and reason in card
 
 
 @pytest.mark.parametrize("cache", ["recompute", "kv_reuse"])
@@ -335,8 +332,9 @@ def test_unknown_override_and_unsupported_config(hf_neox_folder):
     (folder / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
     with pytest.raises(ValueError, match="hidden_act 'relu'"):
         zoo.from_hf(folder)
-    (folder / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
-    with pytest.raises(ValueError, match="model_type 'llama'"):
+    (folder / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
+    reads = "model_type 'gpt2'; zoo.from_hf reads 'gpt_neox', 'llama', 'ponder_zoo'"
+    with pytest.raises(ValueError, match=reads):
         zoo.from_hf(folder)
 
 

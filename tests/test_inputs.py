@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import zoo
+from zoo.sampling import sample_next
 
 VOCAB, MAX_T = 512, 256  # the *-tiny presets
 
@@ -64,3 +66,54 @@ def test_unknown_execution_and_sparse_without_freezing_cache(model):
         model(ids, execution="fast")
     with pytest.raises(ValueError, match="cache='kv_reuse'"):
         model(ids, execution="sparse")  # ponder-pythia-tiny uses the recompute cache
+
+
+# Sampling arguments: conflicts are refused, NumPy integers accepted ---------------------------
+
+
+PROMPT = torch.tensor([[1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"top_k": 5}, "top_k=5 has no effect with temperature=0"),
+        ({"top_p": 0.9}, "top_p=0.9 has no effect with temperature=0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"temperature": True}, "temperature must be"),
+        ({"temperature": 1.0, "top_k": 2.0}, "top_k must be a positive integer"),
+        ({"temperature": 1.0, "top_p": True}, "top_p must be a number in (0, 1]"),
+        ({"eos_token_id": 2.0}, "eos_token_id must be an integer token id or None, got 2.0 (float)"),
+        ({"eos_token_id": True}, "eos_token_id must be an integer token id or None, got True (bool)"),
+        ({"eos_token_id": VOCAB}, f"eos_token_id {VOCAB} is outside [0, vocab_size={VOCAB})"),
+        ({"temperature": 1.0, "seed": 1.5}, "seed must be an integer in [0, 2**64)"),
+        ({"temperature": 1.0, "seed": -1}, "seed must be an integer in [0, 2**64)"),
+    ],
+)
+def test_conflicting_or_mistyped_sampling_arguments_are_refused(model, kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        model.generate(PROMPT, 3, **kwargs)
+    assert needle in str(err.value)
+
+
+def test_numpy_integers_are_taken_as_the_same_python_integers(model):
+    numpy_ints = dict(top_k=np.int64(20), seed=np.uint32(7), eos_token_id=np.int32(3))
+    a = model.generate(PROMPT, 5, temperature=1.0, **numpy_ints)
+    b = model.generate(PROMPT, 5, temperature=1.0, top_k=20, seed=7, eos_token_id=3)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(model):
+    greedy = model.generate(PROMPT, 6)
+    for temperature in (1e-30, 1e-45):
+        tiny = model.generate(PROMPT, 6, temperature=temperature, top_p=0.5, seed=0)
+        assert torch.equal(tiny.tokens, greedy.tokens)
+    huge_logits = torch.tensor([[3e38, -3e38, 1e38]])
+    assert sample_next(huge_logits, temperature=1e-20).tolist() == [0]  # no overflow to NaN
+
+
+def test_sample_next_is_importable_from_decode_and_sampling():
+    from zoo.decode import sample_next as from_decode
+
+    assert from_decode is sample_next

@@ -191,3 +191,85 @@ def test_simple_evaluate_on_a_local_task(model, tmp_path):
     )
     assert by_name["results"]["zoo_tiny_mc"]["acc,none"] == acc
     assert not math.isnan(acc)
+
+
+# model_args are checked at construction ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"batch_size": -1}, "batch_size must be a positive integer, 'auto' or 'auto:N', got -1"),
+        ({"batch_size": 0}, "got 0"),
+        ({"batch_size": "auto:0"}, "batch_size='auto:0': use a positive integer, 'auto', or 'auto:N'"),
+        ({"batch_size": "auto:x"}, "'auto:N' with N a positive integer"),
+        ({"batch_size": "eight"}, "got 'eight'"),
+        ({"batch_size": True}, "got True"),
+        ({"max_length": -5}, "max_length must be a positive integer, got -5"),
+        ({"max_length": 65}, "max_length=65 exceeds the model's max_seq_len=64"),
+        ({"max_batch_size": 0}, "max_batch_size must be a positive integer"),
+        ({"execution": "fast"}, "execution must be 'dense', 'sparse' or None"),
+        ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
+    ],
+)
+def test_bad_model_args_fail_at_construction(model, kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        PonderZooLM(model=model, tokenizer=TOK, **kwargs)
+    assert needle in str(err.value)
+
+
+def test_sparse_execution_of_a_recompute_model_fails_at_construction():
+    recompute = zoo.build("ponder-pythia-tiny", max_seq_len=64)
+    with pytest.raises(ValueError, match="cache='kv_reuse'"):
+        PonderZooLM(model=recompute, tokenizer=TOK, execution="sparse")
+
+
+def test_a_folder_without_tokenizer_is_refused(model, tmp_path):
+    save(model, tmp_path / "ckpt")  # zoo.save stores no tokenizer
+    with pytest.raises(ValueError, match="names no tokenizer"):
+        PonderZooLM(pretrained=str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="not both"):
+        PonderZooLM(model=model, pretrained=str(tmp_path / "ckpt"), tokenizer=TOK)
+
+
+@pytest.mark.parametrize("batch_size", ["auto", "auto:4", "2", 1])
+def test_lm_eval_batch_size_forms_give_the_same_scores(model, batch_size):
+    pairs = [("The try statement", " specifies"), ("x = ", "1"), ("", "empty context"), ("a" * 40, " long")]
+    pairs = pairs * 2
+    reference = PonderZooLM(model=model, tokenizer=TOK, batch_size=8).loglikelihood(
+        [request("loglikelihood", c, x) for c, x in pairs]
+    )
+    lm = PonderZooLM(model=model, tokenizer=TOK, batch_size=batch_size, max_batch_size=4)
+    scores = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    assert [s for s, _ in scores] == pytest.approx([s for s, _ in reference], abs=1e-4)
+    assert [g for _, g in scores] == [g for _, g in reference]
+    if str(batch_size).startswith("auto"):
+        assert lm.batch_size == batch_size and set(lm.batch_sizes.values()) == {4}  # all fit: the maximum
+        # auto:4 detects again at each quarter of the requests a batch starts in (8 requests, batches of 4)
+        assert sorted(lm.batch_sizes) == ([0, 2] if batch_size == "auto:4" else [0])
+
+
+def test_auto_batch_size_halves_on_out_of_memory(model, monkeypatch):
+    lm = PonderZooLM(model=model, tokenizer=TOK, batch_size="auto", max_batch_size=16)
+    real = lm.model.forward
+
+    def limited(ids, *args, **kwargs):  # a device that holds at most 5 rows
+        if ids.shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", limited)
+    assert lm._largest_batch(32) == 4
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape bug")))
+    with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not taken for memory
+        lm._largest_batch(32)
+
+
+def test_lm_eval_command_line_model_args_string(model, tmp_path):
+    save(model, tmp_path / "ckpt")
+    args = f"pretrained={tmp_path / 'ckpt'},tokenizer=byte,max_length=32"
+    extra = {"batch_size": "auto:2", "max_batch_size": None, "device": None}  # what lm_eval's CLI adds
+    lm = PonderZooLM.create_from_arg_string(args, extra)
+    assert (lm.max_length, lm.batch_size) == (32, "auto:2")
+    with pytest.raises(ValueError, match="max_length must be a positive integer, got -5"):
+        PonderZooLM.create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},tokenizer=byte,max_length=-5")

@@ -355,78 +355,82 @@ def test_generate_shows_each_tokens_depth(pretrained, tmp_path, capsys):
 # iso_flops / demo ----------------------------------------------------------------------------
 
 
+ISO = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "3", "--data", "embedded"]
+
+
 @pytest.mark.slow
-def test_iso_flops_matches_fixed_pruning_to_the_target_depth(tmp_path, capsys):
+def test_iso_flops_writes_paired_rows_for_every_variant_and_seed(tmp_path, capsys):
     out = tmp_path / "iso"
-    args = [
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "128",
-        "--eval-windows",
-        "4",
-        "--target-depth",
-        "2.5",
-        "--no-progress",
-    ]
+    args = ["--out", str(out), "--seeds", "2", *ISO, "--override", 'halting_kwargs={"k_max": 0.2}']
     assert recipe("iso_flops").main(args) == 0
-    results = json.loads((out / "iso_flops.json").read_text())["results"]
-    assert list(results) == ["adaponder", "fixed_uniform", "fixed_geometric", "ponder", "loop"]
-    for name in ("fixed_uniform", "fixed_geometric"):
-        # Which positions halt is a hash of (seed, position, pass): 128 positions, about 2.5 on average.
-        assert results[name]["mean_depth"] == pytest.approx(2.5, abs=0.3)
-        assert results[name]["compute_vs_full"] < 0.8
-    for name in ("ponder", "loop"):
-        assert results[name]["mean_depth"] == 4.0 and results[name]["compute_vs_single"] == pytest.approx(4.0)
-    assert all(math.isfinite(r["perplexity"]) for r in results.values())
-    table = (out / "iso_flops.md").read_text()
-    assert table.count("\n") == 7 and "| fixed_geometric |" in table and table in capsys.readouterr().out
+    record = json.loads((out / "iso_flops.json").read_text())
+    rows = {(r["variant"], r["seed"]): r for r in record["rows"]}
+    variants = ["single", "ponder_2", "ponder_3", "ponder", "loop", "adaponder", "fixed_uniform", "fixed_geometric"]
+    assert sorted(rows) == sorted((v, s) for v in variants for s in (0, 1))
+    for row in record["rows"]:
+        assert {"variant", "seed", "perplexity", "mean_depth", "compute"} <= set(row)
+        assert math.isfinite(row["perplexity"])
+    assert all("depth_nll_spearman" in rows[("adaponder", s)] for s in (0, 1))
+    # Compute against 4-pass PonderLM: the frontier's points in order, PonderLM itself 1.
+    for s in (0, 1):
+        c = [rows[(v, s)]["compute"] for v in ("single", "ponder_2", "ponder_3", "ponder")]
+        assert c[0] < c[1] < c[2] < c[3] == pytest.approx(1.0)
+    # Paired: after 4 steps AdaPonder's gates are still held open (depth 4), so fixed pruning is
+    # matched to depth 4 (ratio 0): the same backbone weights, the same batches, PonderLM exactly.
+    for s in (0, 1):
+        assert rows[("adaponder", s)]["mean_depth"] == 4.0
+        assert rows[("fixed_uniform", s)]["perplexity"] == rows[("ponder", s)]["perplexity"]
+    assert rows[("ponder", 0)]["perplexity"] != rows[("ponder", 1)]["perplexity"]  # seeds differ
+    assert rows[("adaponder", 0)]["halting_kwargs"]["k_max"] == 0.2  # --override reached the gates
+    summary = record["summary"]
+    assert {t["target"].split(" ")[0] for t in summary["targets"]} >= {"4", "AdaPonder", "depth"}
+    assert summary["margin_4_vs_3"]["n"] == 2
+    for png in ("perplexity_vs_compute.png", "depth_vs_nll.png"):
+        assert (out / png).read_bytes().startswith(PNG)
+    text = capsys.readouterr().out
+    assert (out / "iso_flops.md").read_text().strip() in text
+    # --resume reads the finished runs back instead of training them again; other evaluation
+    # settings evaluate the same checkpoint again.
+    first = (out / "ponder-seed0" / "eval.json").read_text()
+    metrics = (out / "ponder-seed0" / "metrics.jsonl").read_text()
+    assert recipe("iso_flops").main([*args, "--resume", "--variants", "ponder"]) == 0
+    assert (out / "ponder-seed0" / "eval.json").read_text() == first
+    more = [a if a != "3" else "5" for a in args]  # --eval-windows 5
+    assert recipe("iso_flops").main([*more, "--resume", "--variants", "ponder"]) == 0
+    again = json.loads((out / "ponder-seed0" / "eval.json").read_text())
+    assert again["tokens"] == 5 * 32 and again["evaluated_as"]["eval_windows"] == 5
+    assert (out / "ponder-seed0" / "metrics.jsonl").read_text() == metrics  # not trained again
+
+
+def test_iso_flops_refuses_unknown_variants_and_unpaired_fixed_pruning(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recipe("iso_flops").main(["--out", str(tmp_path), "--variants", "ponder,deep"])
+    assert "unknown variant(s) deep" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="keep 'adaponder'"):
+        recipe("iso_flops").main(["--out", str(tmp_path), *ISO, "--variants", "ponder,fixed_uniform"])
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = [
-        "--steps",
-        "30",
-        "--dim",
-        "64",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "64",
-        "--eval-windows",
-        "8",
-        "--new-tokens",
-        "24",
-        "--out",
-        str(out),
-    ]
-    assert recipe("demo").main(args) == 0
+    args = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-windows", "3", "--new-tokens", "8"]
+    assert recipe("demo").main([*args, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for expected in (
-        "adaptive (AdaPonder gates): perplexity",
-        "gates forced open",
-        "compute of 4 passes saved",
-        "mean NLL by depth",
-        "sample: the prompt",
-    ):
+    for expected in ("| PonderLM, 4 passes |", "| AdaPonder (gates, KV reuse) |", "of 4-pass PonderLM's compute",
+                     "Fixed-depth PonderLM at the same compute", "sample: the prompt"):
         assert expected in text
     report = json.loads((out / "report.json").read_text())
-    assert report["adaptive"]["tokens"] == report["full_depth"]["tokens"] == 8 * 64
-    assert report["full_depth"]["mean_depth"] == 4.0
-    assert report["adaptive"]["compute_saved"] == pytest.approx(1 - report["adaptive"]["compute_vs_full"])
-    assert len(report["sample"]["depth"]) == 24
-    rows = read_metrics(out)
-    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]]) - 1.0
-    for png in ("token_depth.png", "depth_nll.png"):
+    rows = report["rows"]
+    assert set(rows) == {"single", "ponder_2", "ponder_3", "ponder", "adaponder"}
+    assert rows["ponder"]["compute"] == pytest.approx(1.0) and rows["single"]["mean_depth"] == 1.0
+    assert len({r["tokens"] for r in rows.values()}) == 1  # the same held-out tokens for every model
+    assert len(report["sample"]["depth"]) == 8
+    for png in ("token_depth.png", "depth_nll.png", "perplexity_vs_compute.png"):
         assert (out / png).read_bytes().startswith(PNG)
     # A rerun replaces the earlier demo; a folder that is not a demo is refused.
-    assert recipe("demo").main(args) == 0
+    assert recipe("demo").main([*args, "--out", str(out)]) == 0
     (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not an earlier demo"):
-        recipe("demo").main([*args[:-1], str(tmp_path / "other")])
+        recipe("demo").main([*args, "--out", str(tmp_path / "other")])
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

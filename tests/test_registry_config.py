@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 
 import zoo
-from zoo.config import PYTHIA_SHAPES, ModelConfig, preset
+from zoo.config import PYTHIA_SHAPES, ModelConfig, count_parameters, parse_overrides, preset
 from zoo.registry import HALTING, Registry
 
 # The Pythia README's parameter counts (EleutherAI/pythia), embeddings and head included.
@@ -181,3 +183,135 @@ def test_config_is_frozen():
     config = preset("pythia-tiny")
     with pytest.raises(AttributeError):
         config.dim = 3  # type: ignore[misc]
+
+
+# Strict fields, bounds and sizes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("parallel_residual", "false", "must be true or false"),
+        ("tied_embeddings", 1, "must be true or false"),
+        ("embed_scale", math.inf, "finite positive number"),
+        ("norm_eps", math.inf, "finite positive number"),
+        ("rotary_base", math.nan, "finite positive number"),
+        ("init_std", math.inf, "finite positive number or None"),
+        ("num_layers", 10**6, "num_layers must be an int in [1, 1,024]"),
+        ("dim", 10**9, "dim must be an int in [1, 131,072]"),
+        ("vocab_size", 2**30, "vocab_size must be an int in [1, 16,777,216]"),
+        ("passes", "4", "passes must be an int"),
+        ("block", 3, "ModelConfig.block"),
+        ("halting_kwargs", {"threshold": math.nan}, "halting_kwargs['threshold'] is NaN"),
+        ("halting_kwargs", {1: 2}, "keys must be strings"),
+        ("halting_kwargs", {"f": object()}, "use JSON values"),
+    ],
+)
+def test_fields_are_typed_and_bounded(field, value, needle):
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        preset("ponder-pythia-tiny", **{field: value})
+    assert needle in str(err.value)
+    assert time.perf_counter() - started < 1  # refused before anything is built
+
+
+def test_absurd_sizes_are_refused_before_building(monkeypatch):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"GiB in torch.float32, more than this machine's memory"):
+        zoo.build("pythia-tiny", num_layers=1000, dim=32768, num_heads=64)
+    assert time.perf_counter() - started < 10
+    monkeypatch.setenv("PONDER_ZOO_MAX_MODEL_BYTES", "1e5")
+    with pytest.raises(ValueError, match=r"more than the ceiling PONDER_ZOO_MAX_MODEL_BYTES=1e5"):
+        zoo.build("pythia-tiny")
+    meta = zoo.build("pythia-2.8b", device="meta")  # the meta device takes no memory: never refused
+    assert meta.num_parameters() == PYTHIA_PARAMS["2.8b"]
+
+
+@pytest.mark.parametrize("halting", zoo.available("halting"))
+@pytest.mark.parametrize("block", zoo.available("block"))
+def test_count_parameters_is_exact_and_below_the_fast_bound(halting, block):
+    from zoo.config import _size_bound
+
+    config = preset("ponder-pythia-tiny", halting=halting, block=block, num_kv_heads=2, cache="kv_reuse")
+    model = zoo.build_model(config, device="meta")
+    stored = sum(t.numel() for t in {id(t): t for t in model.state_dict().values()}.values())
+    assert count_parameters(config) == stored
+    assert count_parameters(config) <= _size_bound(config)  # lets ordinary builds skip counting
+
+
+# Command-line overrides ------------------------------------------------------------------------
+
+
+def test_overrides_take_plain_values_and_json():
+    parsed = parse_overrides(
+        ["dim=128", "halting=act", 'cache="kv_reuse"', "norm_eps=1e-6", "rotary_base=.5", "bias=false",
+         "num_kv_heads=null", 'halting_kwargs={"threshold": 0.01}']
+    )
+    assert parsed == {
+        "dim": 128,
+        "halting": "act",
+        "cache": "kv_reuse",
+        "norm_eps": 1e-6,
+        "rotary_base": 0.5,
+        "bias": False,
+        "num_kv_heads": None,
+        "halting_kwargs": {"threshold": 0.01},
+    }
+    assert preset("ponder-pythia-tiny", **parse_overrides(["passes=2", "halting=act"])).passes == 2
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("dim=abc", "dim takes an integer (e.g. dim=512), not 'abc'"),
+        ("dim=1.5", "dim takes an integer"),
+        ("embed_scale=inf", "embed_scale takes a finite number"),
+        ("norm_eps=Infinity", "norm_eps takes a finite number"),
+        ("norm_eps=NaN", "norm_eps takes a finite number"),
+        ("bias=yes", "bias takes true or false"),
+        ("bias=True", "bias takes true or false (lower case)"),
+        ("halting_kwargs={threshold: 0.1}", "halting_kwargs takes a JSON object (Expecting property name"),
+        ("halting_kwargs=0.1", "halting_kwargs takes a JSON object (it reads as float)"),
+        ("dimm=3", "did you mean 'dim'"),
+        ("dim", "is not FIELD=VALUE"),
+        ("=3", "is not FIELD=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_value_and_the_fix(item, needle):
+    with pytest.raises(ValueError) as err:
+        parse_overrides([item])
+    assert needle in str(err.value)
+
+
+def test_an_override_given_twice_is_refused():
+    with pytest.raises(ValueError, match="dim is given twice"):
+        parse_overrides(["dim=64", "dim=128"])
+
+
+# Hugging Face config.json ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("hidden_size", 10**9, "hidden_size must be an integer in [1, 131,072], got 1000000000"),
+        ("num_hidden_layers", 10**6, "num_hidden_layers must be an integer in [1, 1,024]"),
+        ("hidden_size", "abc", "hidden_size must be an integer in [1, 131,072], got 'abc'"),
+        ("layer_norm_eps", "1e-5", "layer_norm_eps must be a finite positive number, got '1e-5'"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false (a JSON boolean)"),
+        ("use_parallel_residual", "true", "use_parallel_residual must be true or false"),
+        ("rotary_pct", 1.5, "rotary_pct must be a number in [0, 1]"),
+        ("rope_parameters", {"rope_theta": "big"}, "rope_parameters.rope_theta must be a finite positive"),
+    ],
+)
+def test_hugging_face_config_is_parsed_strictly_naming_the_file(hf_neox_folder, key, value, needle):
+    _, folder = hf_neox_folder()
+    config_file = folder / "config.json"
+    data = json.loads(config_file.read_text())
+    data[key] = value
+    config_file.write_text(json.dumps(data))
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        zoo.from_hf(folder)
+    assert f"{config_file}: {needle}" in str(err.value)
+    assert time.perf_counter() - started < 5

@@ -13,6 +13,7 @@ from zoo.recurrence import run_passes, stack_pass
 
 POLICIES = ["act", "early_exit", "fixed_prune", "mlp_gate", "none"]
 FREEZING = ["kv_reuse", "kv_share", "recursion_wise"]  # the strategies that allow sparse execution
+BLOCKS = {"neox": {}, "llama": {"block": "llama", "rotary_fraction": 1.0, "num_kv_heads": 2, "bias": False}}
 
 
 @pytest.fixture

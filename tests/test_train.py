@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import zoo
-from zoo.checkpoint import load
+from test_checkpoint import snapshot
+from zoo.checkpoint import FolderBusyError, folder_lock, load
 from zoo.data import ByteTokenizer, TokenStream, load_corpus
 from zoo.train import (
     NonFiniteLossError,
@@ -64,11 +68,12 @@ def test_cosine_schedule_with_warmup_and_floor():
 def test_weight_decay_on_matrices_only_and_frozen_parameters_left_out():
     model = tiny()
     opt = make_optimizer(model, TrainConfig(steps=1, weight_decay=0.1))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    decay = [p for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]]
+    no_decay = [p for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]]
+    assert len(decay) + len(no_decay) == sum(len(g["params"]) for g in opt.param_groups)
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() < 2 for p in no_decay)
     n_params = len({id(p) for p in model.parameters()})
-    assert len(decay["params"]) + len(no_decay["params"]) == n_params
+    assert len(decay) + len(no_decay) == n_params
     assert opt.defaults["betas"] == (0.9, 0.95)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("halting."))
@@ -77,7 +82,7 @@ def test_weight_decay_on_matrices_only_and_frozen_parameters_left_out():
 
 
 def test_bad_settings_are_value_errors(corpus, tmp_path):
-    with pytest.raises(ValueError, match="stop_after must lie in"):
+    with pytest.raises(ValueError, match=r"stop_after must be an int in \[1, steps=5\]"):
         TrainConfig(steps=5, stop_after=9)
     with pytest.raises(ValueError, match="multiple of processes x micro_batch_size"):
         train(tiny(), corpus[0], config(batch_size=5, micro_batch_size=2), tmp_path)
@@ -137,7 +142,7 @@ def test_fresh_run_in_used_folder_and_mismatched_resume_are_refused(corpus, tmp_
     train(tiny(), corpus[0], config(steps=2), tmp_path)
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny(), corpus[0], config(steps=2), tmp_path)
-    with pytest.raises(ValueError, match="trained with lr=0.003, this run asks for 0.001"):
+    with pytest.raises(ValueError, match=r"differs .* in lr \(lr: 0.003 -> 0.001\).*--allow-change lr"):
         train(tiny(), corpus[0], config(steps=2, lr=1e-3), tmp_path, resume=True)
 
 
@@ -220,3 +225,191 @@ def test_compile_option_trains_through_the_compiled_forward(corpus, tmp_path, mo
     reference = train(tiny(passes=2), corpus[0], config(steps=2), tmp_path / "eager")
     assert compiled == [model] and model.dense_fn is not zoo.recurrence.run_dense
     np.testing.assert_allclose(result.losses, reference.losses, rtol=0, atol=1e-5)
+
+
+# Run folders: one run each, every check before the first write -----------------------------
+
+
+@contextlib.contextmanager
+def held_by_another_run(folder):
+    """The folder's run lock, held by another thread (as another process would hold it)."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with folder_lock(folder, wait=False, purpose="training"):
+            taken.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    taken.wait(30)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_second_run_on_a_held_folder_is_refused_before_it_writes(corpus, tmp_path):
+    info = {"tokenizer": "byte", "recipe": "first"}
+    train(tiny(), corpus[0], config(steps=2), tmp_path / "run", run_info=info, tokenizer="byte")
+    before = snapshot(tmp_path / "run")
+    with held_by_another_run(tmp_path / "run"):
+        for resume in (False, True):
+            with pytest.raises(FolderBusyError, match="locked by another process that is training"):
+                train(tiny(), corpus[0], config(steps=4), tmp_path / "run", resume=resume, run_info={"x": 1})
+        with pytest.raises(FolderBusyError):  # a fresh folder too: the lock is taken before anything else
+            with held_by_another_run(tmp_path / "other"):
+                train(tiny(), corpus[0], config(steps=2), tmp_path / "other")
+    assert snapshot(tmp_path / "run") == before  # run.json, metrics and checkpoints untouched
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recipe"] == "first"
+
+
+def test_refused_runs_leave_run_json_as_it_was(corpus, tmp_path):
+    train(tiny(), corpus[0], config(steps=2), tmp_path, run_info={"tokenizer": "byte"}, tokenizer="byte")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(), corpus[0], config(steps=2), tmp_path, run_info={"tokenizer": "other.json"})
+    with pytest.raises(ValueError, match="differs"):
+        train(tiny(), corpus[0], config(steps=4), tmp_path, resume=True, run_info={"tokenizer": "other.json"})
+    assert snapshot(tmp_path) == before
+
+
+PONDER = {"halting": "none", "cache": "recompute", "halting_kwargs": {}}  # passes change no shape
+
+
+@pytest.mark.parametrize(
+    "key, before, after, train_kw",
+    [
+        ("passes", PONDER, {**PONDER, "passes": 3}, {}),
+        ("halting_kwargs", {}, {"halting_kwargs": {**GATES, "threshold": 0.5}}, {}),
+        ("cache", {}, {"cache": "recompute"}, {}),
+        ("warmup_steps", {}, {}, {"warmup_steps": 1}),
+        ("min_lr_ratio", {}, {}, {"min_lr_ratio": 0.5}),
+        ("weight_decay", {}, {}, {"weight_decay": 0.0}),
+        ("grad_clip", {}, {}, {"grad_clip": 0.5}),
+        ("steps", {}, {}, {"steps": 6}),
+    ],
+)
+def test_resume_refuses_any_change_of_the_run_unless_allowed(corpus, tmp_path, key, before, after, train_kw):
+    train(tiny(**before), corpus[0], config(steps=4, stop_after=2), tmp_path)
+    changed = config(**{"steps": 4, **train_kw})
+    with pytest.raises(ValueError) as err:
+        train(tiny(**after), corpus[0], changed, tmp_path, resume=True)
+    assert f"differs from the one it would continue in {key} (" in str(err.value)
+    assert f"--allow-change {key}" in str(err.value)
+    said = []
+    result = train(
+        tiny(**after), corpus[0], changed, tmp_path, resume=True, allow_change=[key], log=said.append
+    )
+    assert result.step == changed.steps
+    assert any(line.startswith(f"resuming with {key} changed") for line in said)
+
+
+def test_an_allowed_change_that_changes_shapes_is_a_clear_error(corpus, tmp_path):
+    train(tiny(), corpus[0], config(steps=4, stop_after=2), tmp_path)
+    with pytest.raises(ValueError, match=r"step-000002 do not fit the model.*passes"):
+        train(tiny(passes=3), corpus[0], config(steps=4), tmp_path, resume=True, allow_change=["passes"])
+
+
+def test_resume_refuses_another_corpus_or_tokenizer(corpus, tmp_path):
+    train(tiny(), corpus[0], config(steps=4, stop_after=2), tmp_path, tokenizer="byte")
+    other = TokenStream(np.asarray(corpus[0].tokens)[::-1].copy(), "reversed corpus")
+    with pytest.raises(ValueError, match=r"in data \(data: embedded corpus \(train\) \(423,353 tokens"):
+        train(tiny(), other, config(steps=4), tmp_path, resume=True, tokenizer="byte")
+    with pytest.raises(ValueError, match=r"in tokenizer \(tokenizer: 'byte' -> 'tok.json'\)"):
+        train(tiny(), corpus[0], config(steps=4), tmp_path, resume=True, tokenizer="tok.json")
+    moved = TokenStream(np.asarray(corpus[0].tokens).copy(), "the same tokens, read from elsewhere")
+    assert train(tiny(), moved, config(steps=4), tmp_path, resume=True, tokenizer="byte").step == 4
+
+
+def test_allow_change_names_only_run_settings(corpus, tmp_path):
+    with pytest.raises(ValueError, match="allow_change names learning_rate, which are not run settings"):
+        train(tiny(), corpus[0], config(steps=2), tmp_path / "run", allow_change=["learning_rate"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_advice_works_resume_with_a_lower_learning_rate(corpus, tmp_path):
+    model = tiny()
+    _on_forward(model, 17, lambda out: out * float("nan"))  # step 3
+    with pytest.raises(NonFiniteLossError) as err:
+        train(model, corpus[0], config(steps=6, checkpoint_every=2), tmp_path)
+    assert "allow_change=['lr']" in str(err.value) and "--allow-change lr" in str(err.value)
+    resumed = train(tiny(), corpus[0], config(steps=6, lr=1e-3), tmp_path, resume=True, allow_change=["lr"])
+    assert resumed.step == 6 and [r["lr"] for r in read_metrics(tmp_path)][2] == pytest.approx(1e-3)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(corpus, tmp_path):
+    cfg = config(steps=6)
+    straight = train(tiny(), corpus[0], cfg, tmp_path / "a")
+    train(tiny(), corpus[0], config(steps=6, stop_after=3), tmp_path / "b")
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "loss": 2.71')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]  # readers skip it too
+    said = []
+    train(tiny(), corpus[0], cfg, tmp_path / "b", resume=True, log=said.append)
+    assert [r["loss"] for r in read_metrics(tmp_path / "b")] == straight.losses
+    assert any("dropped a torn last line" in line for line in said)
+    # A damaged line that is not the last is an error naming the file and the line.
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not valid JSON"):
+        read_metrics(tmp_path / "b")
+
+
+def test_every_split_is_checked_before_the_first_step(corpus, tmp_path):
+    short = TokenStream(np.arange(20, dtype=np.uint16), "tiny validation file")
+    with pytest.raises(ValueError, match="split tiny validation file has 20 tokens, fewer than one"):
+        train(tiny(), corpus[0], config(steps=2), tmp_path / "run", val_data=short)
+    beyond = TokenStream(np.full(100, 600, dtype=np.uint16), "validation with foreign ids")
+    with pytest.raises(ValueError, match="holds token id 600"):
+        train(tiny(), corpus[0], config(steps=2), tmp_path / "run", val_data=beyond)
+    with pytest.raises(ValueError, match="eval_every=1 needs val_data"):
+        train(tiny(), corpus[0], config(steps=2, eval_every=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+@pytest.mark.parametrize(
+    "damaged", ["optimizer.safetensors", "trainer.json", "model/model.safetensors", "rng.safetensors"]
+)
+def test_a_damaged_checkpoint_names_the_file_and_the_intact_earlier_one(corpus, tmp_path, damaged):
+    cfg = config(steps=6, checkpoint_every=2)
+    straight = train(tiny(), corpus[0], cfg, tmp_path / "a")
+    train(tiny(), corpus[0], config(steps=6, checkpoint_every=2, stop_after=4), tmp_path / "b")
+    file = tmp_path / "b" / "checkpoints" / "step-000004" / damaged
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])  # truncated
+    with pytest.raises(ValueError) as err:
+        train(tiny(), corpus[0], cfg, tmp_path / "b", resume=True)
+    message = str(err.value)
+    assert file.name in message and "step-000002 (step 2) is intact" in message
+    pointer = tmp_path / "b" / "checkpoints" / "latest"
+    assert f"echo step-000002 > {pointer}" in message
+    pointer.write_text("step-000002\n")  # the advice, followed
+    train(tiny(), corpus[0], cfg, tmp_path / "b", resume=True)
+    assert [r["loss"] for r in read_metrics(tmp_path / "b")] == straight.losses
+
+
+def test_a_pointer_to_a_missing_checkpoint_names_the_intact_one(corpus, tmp_path):
+    train(tiny(), corpus[0], config(steps=4, checkpoint_every=2), tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
+    with pytest.raises(ValueError, match=r"names 'step-000004'.*step-000002 \(step 2\) is intact"):
+        latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", float("inf")),
+        ("lr", "3e-3"),
+        ("grad_clip", float("nan")),
+        ("compile", "false"),
+        ("betas", [0.9, 0.95]),
+        ("seed", 1.5),
+        ("train_only", "halting."),
+        ("progress", 1),
+    ],
+)
+def test_train_config_is_strict(field, value):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(steps=4, **{field: value})
+    assert f"TrainConfig.{field}" in str(err.value) and repr(value) in str(err.value)

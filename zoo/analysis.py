@@ -30,7 +30,11 @@ from zoo.model import RecurrentLM
 
 __all__ = [
     "EvalReport",
+    "TokenStats",
     "token_stats",
+    "token_table",
+    "evaluate_tokens",
+    "spearman",
     "evaluate",
     "full_depth_copy",
     "depth_sample",
@@ -50,6 +54,12 @@ class EvalReport:
         nll: mean negative log-likelihood, nats per token.
         perplexity: ``exp(nll)``.
         mean_depth: mean passes per token.
+        effective_depth: mean gate-weighted passes per token, ``1 + sum_i m^{i+1} s^i``: a
+            pass counts by how much of its pondering update the token takes (a pass run with
+            gate 0.003 counts 0.003). Equal to ``mean_depth`` for policies without gates.
+        depth_nll_spearman: Spearman rank correlation of each token's depth with its own NLL
+            (positive: tokens that run longer are the harder ones); ``None`` when every token
+            has the same depth.
         passes: the model's ``P``.
         depth_counts: ``[count of tokens with depth 1, ..., depth P]``.
         nll_by_depth: mean NLL of the tokens of each depth (``None`` where there are none).
@@ -72,6 +82,8 @@ class EvalReport:
     compute_vs_full: float
     compute_vs_single: float
     execution: str
+    effective_depth: float | None = None
+    depth_nll_spearman: float | None = None
 
     @property
     def compute_saved(self) -> float:
@@ -83,26 +95,38 @@ class EvalReport:
         return {**asdict(self), "compute_saved": self.compute_saved}
 
 
+@dataclass
+class TokenStats:
+    """Per-token statistics of a model's predictions over (N, T) positions.
+
+    Attributes:
+        nll: (N, T) float32 negative log-likelihood of the next token, nats.
+        depth: (N, T) int64 passes run.
+        effective_depth: (N, T) float32 gate-weighted passes, ``1 + sum_i m^{i+1} s^i``.
+    """
+
+    nll: Tensor
+    depth: Tensor
+    effective_depth: Tensor
+
+
 @torch.no_grad()
-def token_stats(
+def token_table(
     model: RecurrentLM, windows: Tensor | np.ndarray, batch_size: int = 8, execution: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """Per-token NLL and depth of the model's predictions over ``windows``.
+) -> TokenStats:
+    """Per-token NLL, depth and effective depth of the model's predictions over ``windows``.
 
     Args:
         model: the model (put in ``eval()`` mode for the call, then restored).
         windows: (N, T + 1) token ids; position ``t`` predicts token ``t + 1``.
         batch_size: windows per forward.
         execution: ``"dense"``, ``"sparse"`` or ``None`` (the model's choice in eval mode).
-
-    Returns:
-        ``nll`` (N, T) float32 nats and ``depth`` (N, T) int64 passes.
     """
     windows = torch.as_tensor(windows, dtype=torch.long)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nlls, depths = [], []
+    nlls, depths, effective = [], [], []
     try:
         for first in range(0, windows.shape[0], batch_size):
             batch = windows[first : first + batch_size].to(device)
@@ -110,9 +134,57 @@ def token_stats(
             logp = F.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
             nlls.append(-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).cpu())
             depths.append(out.depth.cpu())
+            taken = (out.masks[1:].float() * out.gates.float()).sum(0) if out.gates.numel() else 0.0
+            effective.append((1.0 + taken + torch.zeros_like(out.depth, dtype=torch.float32)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(nlls), torch.cat(depths)
+    return TokenStats(torch.cat(nlls), torch.cat(depths), torch.cat(effective))
+
+
+def token_stats(
+    model: RecurrentLM, windows: Tensor | np.ndarray, batch_size: int = 8, execution: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-token NLL and depth of the model's predictions over ``windows`` (see :func:`token_table`).
+
+    Returns:
+        ``nll`` (N, T) float32 nats and ``depth`` (N, T) int64 passes.
+    """
+    stats = token_table(model, windows, batch_size, execution)
+    return stats.nll, stats.depth
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    # Runs of equal values: each gets the mean of the ranks it spans.
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], ordered.size]
+    average = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(average, ends - starts)
+    return ranks
+
+
+def spearman(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float | None:
+    """Spearman's rank correlation of two equally long samples (ties get average ranks).
+
+    Returns ``None`` when either sample is constant (the correlation is undefined).
+
+    Example:
+        >>> spearman([1, 2, 2, 3], [0.1, 0.5, 0.4, 0.9])
+        0.9486832980505138
+    """
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.size != b.size:
+        raise ValueError(f"spearman needs samples of equal size, got {a.size} and {b.size}")
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
 
 
 def evaluate(
@@ -123,11 +195,12 @@ def evaluate(
     batch_size: int = 8,
     max_windows: int | None = None,
     execution: str | None = None,
+    spread: bool = False,
 ) -> EvalReport:
-    """Perplexity, depth and compute of ``model`` over the first windows of ``stream``.
+    """Perplexity, depth and compute of ``model`` over windows of ``stream``.
 
-    The windows are :func:`zoo.data.eval_windows` (consecutive, non-overlapping), so the
-    numbers are deterministic.
+    The windows are :func:`zoo.data.eval_windows` (non-overlapping; the first ones, or with
+    ``spread`` laid evenly over the stream), so the numbers are deterministic.
 
     Args:
         model: the model.
@@ -136,9 +209,27 @@ def evaluate(
         batch_size: windows per forward.
         max_windows: at most this many windows (``None``: the whole stream).
         execution: as in :func:`token_stats`.
+        spread: lay the windows over the whole stream instead of taking the first ones.
     """
-    windows = eval_windows(stream, seq_len, max_windows)
-    nll, depth = token_stats(model, windows, batch_size, execution)
+    return evaluate_tokens(
+        model, stream, seq_len, batch_size=batch_size, max_windows=max_windows, execution=execution, spread=spread
+    )[1]
+
+
+def evaluate_tokens(
+    model: RecurrentLM,
+    stream: TokenStream,
+    seq_len: int,
+    *,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    execution: str | None = None,
+    spread: bool = False,
+) -> tuple[TokenStats, EvalReport]:
+    """:func:`evaluate`, with the per-token statistics it was computed from (same arguments)."""
+    windows = eval_windows(stream, seq_len, max_windows, spread)
+    stats = token_table(model, windows, batch_size, execution)
+    nll, depth = stats.nll, stats.depth
     P = model.config.passes
     flat_nll, flat_depth = nll.flatten().double(), depth.flatten()
     counts = [int((flat_depth == d).sum()) for d in range(1, P + 1)]
@@ -147,7 +238,7 @@ def evaluate(
     ]
     mean_nll = float(flat_nll.mean())
     used = execution or _count_mode(model)  # what model(ids) picks in eval() mode
-    return EvalReport(
+    return stats, EvalReport(
         tokens=int(flat_nll.numel()),
         nll=mean_nll,
         perplexity=math.exp(mean_nll),
@@ -161,6 +252,8 @@ def evaluate(
             model, depth, execution=_count_mode(model), layers_only=True
         ),
         execution=used,
+        effective_depth=float(stats.effective_depth.double().mean()),
+        depth_nll_spearman=spearman(flat_depth, flat_nll),
     )
 
 
@@ -325,12 +418,18 @@ def format_report(name: str, report: EvalReport) -> str:
         [
             f"{name}: perplexity {report.perplexity:.3f} "
             f"(NLL {report.nll:.4f} nats/token over {report.tokens} tokens)",
-            f"  mean depth {report.mean_depth:.3f} of {report.passes} passes; "
-            f"tokens running each pass: {active}",
+            f"  mean depth {report.mean_depth:.3f} of {report.passes} passes"
+            + (f" (effective {report.effective_depth:.3f})" if report.effective_depth is not None else "")
+            + f"; tokens running each pass: {active}",
             f"  compute: {100 * report.compute_vs_full:.1f}% of full depth "
             f"({100 * report.compute_saved:.1f}% saved), "
             f"{report.compute_vs_single:.2f}x the one-pass model (layers)",
-            f"  mean NLL by depth: {by_depth}",
+            f"  mean NLL by depth: {by_depth}"
+            + (
+                f"; Spearman(depth, NLL) {report.depth_nll_spearman:+.3f}"
+                if report.depth_nll_spearman is not None
+                else ""
+            ),
         ]
     )
 

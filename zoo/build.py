@@ -10,7 +10,7 @@ from torch import nn
 
 from zoo.blocks.norms import make_norm
 from zoo.blocks.rotary import Rotary
-from zoo.config import ModelConfig, preset
+from zoo.config import ModelConfig, check_model_size, preset
 from zoo.model import RecurrentLM
 from zoo.registry import BLOCKS, CACHES, HALTING, RECURRENCES
 
@@ -22,17 +22,31 @@ def build_model(
 ) -> RecurrentLM:
     """Constructs the model ``config`` describes, with fresh (PonderLM-style) weights.
 
+    Under one ``torch.manual_seed`` every model of the same shape gets the same backbone
+    weights (embedding, layers, norms, head) whatever its halting policy or recurrence: the
+    backbone is initialised before the policy's own parameters, and building the modules
+    draws nothing from the global generator. Comparisons between variants are thus paired.
+    (The output projections are scaled by ``1 / sqrt(2 * layers * passes)``, so models with
+    different ``passes`` share the draws, not the scale.)
+
     Args:
         config: the model config.
         device: where to allocate; ``"meta"`` builds without memory (weights are not
             initialised), e.g. to count parameters of a 2.8B model.
         dtype: parameter dtype (default: torch's default, fp32).
     """
+    check_model_size(config, dtype, device)  # before anything is allocated
     block = BLOCKS.get(config.block)
     policy_cls = HALTING.get(config.halting)
     try:
         halting = None
-        with torch.device(device) if device is not None else nullcontext():
+        # Construction draws nothing from the global generator (fork_rng restores it), so the
+        # weights come from reset_parameters alone, backbone first: under one seed every
+        # variant of a shape gets the same backbone draws, whatever its policy or recurrence.
+        with (
+            torch.random.fork_rng(devices=_cuda_devices(device)),
+            torch.device(device) if device is not None else nullcontext(),
+        ):
             layers = nn.ModuleList(block(config) for _ in range(config.num_layers))
             halting = policy_cls(config, **config.halting_kwargs)
             model = RecurrentLM(
@@ -56,6 +70,14 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _cuda_devices(device: torch.device | str | None) -> list[int]:
+    """The CUDA device whose generator building on ``device`` would draw from (none on CPU)."""
+    if device is None or torch.device(device).type != "cuda":
+        return []
+    index = torch.device(device).index
+    return [torch.cuda.current_device() if index is None else index]
 
 
 def build(

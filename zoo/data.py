@@ -23,6 +23,7 @@ number of processes can split the same global batch between them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -39,6 +40,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "load_tokenizer",
+    "resolve_tokenizer",
     "TokenStream",
     "embedded_documents",
     "read_documents",
@@ -130,7 +132,7 @@ class HFTokenizer:
         eos_token: the end-of-text token's text; GPT-NeoX uses ``<|endoftext|>``.
 
     Raises:
-        ValueError: no ``tokenizer.json`` at ``path``.
+        ValueError: no ``tokenizer.json`` at ``path``, or one the library cannot read.
     """
 
     def __init__(self, path: str | os.PathLike, eos_token: str = "<|endoftext|>") -> None:
@@ -145,7 +147,10 @@ class HFTokenizer:
                 f"holds it (a Hugging Face Pythia folder has one), or use the built-in 'byte' tokenizer"
             )
         self.name = str(file)
-        self._tok = _Tokenizer.from_file(str(file))
+        try:
+            self._tok = _Tokenizer.from_file(str(file))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{file} is not a readable tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = self._tok.token_to_id(eos_token)
 
@@ -159,18 +164,76 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from its name: ``"byte"`` or a ``tokenizer.json`` path (file or folder).
+    """A tokenizer from its name: ``"byte"``, ``"stdlib-bpe-<vocab_size>"`` (the BPE trained on the
+    standard library's source, :func:`zoo.corpora.stdlib_tokenizer`) or a ``tokenizer.json``
+    path (file or folder).
 
     Raises:
-        ValueError: ``spec`` is neither.
+        ValueError: ``spec`` is none of these, or the file is not a readable ``tokenizer.json``.
     """
     if str(spec) == "byte":
         return ByteTokenizer()
+    if str(spec).startswith("stdlib-bpe-"):
+        from zoo.corpora import stdlib_tokenizer
+
+        size = str(spec).removeprefix("stdlib-bpe-")
+        if not size.isdigit():
+            raise ValueError(f"tokenizer {str(spec)!r}: the size after 'stdlib-bpe-' must be an int, e.g. stdlib-bpe-2048")
+        return stdlib_tokenizer(int(size))
     if not Path(spec).exists():
         raise ValueError(
             f"tokenizer {str(spec)!r} is neither 'byte' nor an existing tokenizer.json file or folder"
         )
     return HFTokenizer(spec)
+
+
+def resolve_tokenizer(
+    requested: Tokenizer | str | os.PathLike | None,
+    named: str | None,
+    vocab_size: int,
+    source: str | os.PathLike,
+) -> Tokenizer:
+    """The tokenizer to read a model with: the one asked for, else the one its folder names.
+
+    There is no silent default: byte-level ids fed to a model trained on another tokenizer
+    give meaningless text and perplexity, so bytes are used only when asked for
+    (``"byte"``), by the caller or by the folder's ``run.json``.
+
+    Args:
+        requested: what the user passed (``--tokenizer``): a tokenizer, ``"byte"`` or a
+            ``tokenizer.json`` path; ``None`` if nothing.
+        named: what the model's folder names (``run.json``'s ``tokenizer`` entry or a
+            ``tokenizer.json`` beside the weights), as :func:`zoo.train.load_trained` returns it.
+        vocab_size: the model's vocabulary; the tokenizer must not produce ids beyond it.
+        source: the model's folder, for messages.
+
+    Raises:
+        ValueError: neither names a tokenizer (the message says how to pass one), or the
+            tokenizer produces ids the model has no rows for.
+
+    Example:
+        >>> resolve_tokenizer(None, "byte", 512, "runs/demo").name
+        'byte'
+        >>> resolve_tokenizer(None, None, 50304, "pythia-70m")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: pythia-70m names no tokenizer (...) ...; pass the tokenizer it was trained with: ...
+    """
+    spec = requested if requested is not None else named
+    if spec is None:
+        raise ValueError(
+            f"{source} names no tokenizer (no run.json entry, no tokenizer.json beside the weights) "
+            f"and its vocabulary has {vocab_size} ids; pass the tokenizer it was trained with: "
+            f"--tokenizer PATH/tokenizer.json (tokenizer= in Python), or --tokenizer byte if it was "
+            f"trained on UTF-8 bytes"
+        )
+    tokenizer = load_tokenizer(spec) if isinstance(spec, (str, os.PathLike)) else spec
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.name} produces ids up to {tokenizer.vocab_size - 1}, but the model "
+            f"of {source} has {vocab_size} vocabulary rows; pass the tokenizer the model was trained with"
+        )
+    return tokenizer
 
 
 # Token streams ------------------------------------------------------------------------------
@@ -209,6 +272,31 @@ class TokenStream:
             return -1
         chunk = 1 << 24
         return int(max(self.tokens[i : i + chunk].max() for i in range(0, len(self), chunk)))
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies the stream's content: its length, dtype and a BLAKE2 digest.
+
+        In-memory streams are hashed whole; memory-mapped ones (possibly hundreds of GB) by
+        their first, middle and last 4 Mi tokens. The name is kept for messages but is not
+        part of the identity, so a moved file is the same corpus.
+
+        Example:
+            >>> a = TokenStream(np.arange(10, dtype=np.uint16), "a")
+            >>> b = TokenStream(np.arange(10, dtype=np.uint16), "b")
+            >>> a.fingerprint()["digest"] == b.fingerprint()["digest"]
+            True
+        """
+        tokens = self.tokens
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{len(self)}:{tokens.dtype.str}".encode())
+        if self.in_memory:
+            digest.update(np.ascontiguousarray(tokens).tobytes())
+        else:
+            span = 1 << 22
+            middle = max(len(self) // 2 - span // 2, 0)
+            for first in sorted({0, middle, max(len(self) - span, 0)}):
+                digest.update(np.asarray(tokens[first : first + span]).tobytes())
+        return {"name": self.name, "tokens": len(self), "digest": digest.hexdigest()}
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raises ``ValueError`` if any id is ``>= vocab_size``, naming the id and the fix."""
@@ -281,19 +369,31 @@ def read_documents(path: str | os.PathLike, text_key: str = "text") -> list[str]
     for file in files:
         suffix = file.suffix.lower()
         if suffix == ".jsonl":
-            with open(file, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
+            found = 0
+            for number, line in enumerate(_utf8_text(file).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
                     record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                        raise ValueError(
-                            f"{file}:{number}: expected a JSON object with a string field {text_key!r}; "
-                            f"pass text_key= to read another field"
-                        )
-                    docs.append(record[text_key])
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{file}:{number}: not valid JSON ({err.msg} at column {err.colno}); each line "
+                        f"of a .jsonl file must be one JSON object"
+                    ) from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise ValueError(
+                        f"{file}:{number}: expected a JSON object with a string field {text_key!r}; "
+                        f"pass text_key= to read another field"
+                    )
+                docs.append(record[text_key])
+                found += 1
+            if not found:
+                raise ValueError(f"{file} holds no documents (no JSON lines); remove it or fill it")
         elif suffix in _TEXT_SUFFIXES:
-            docs.append(file.read_text(encoding="utf-8"))
+            text = _utf8_text(file)
+            if not text.strip():
+                raise ValueError(f"{file} is empty; remove it from the data or fill it")
+            docs.append(text)
         elif not root.is_dir():
             raise ValueError(
                 f"{file}: unknown data file type {suffix!r}; use text ({', '.join(_TEXT_SUFFIXES)}), "
@@ -302,6 +402,16 @@ def read_documents(path: str | os.PathLike, text_key: str = "text") -> list[str]
     if not docs:
         raise ValueError(f"no documents found under {str(path)!r} (text, .jsonl)")
     return docs
+
+
+def _utf8_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{file} is not UTF-8 text (byte {err.start}: {err.reason}); convert it to UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, name: str) -> TokenStream:
@@ -341,6 +451,8 @@ def load_bin(path: str | os.PathLike, dtype: str | np.dtype | None = None) -> To
     if not np.issubdtype(dtype, np.integer):
         raise ValueError(f"{file}: token dtype must be an integer type such as uint16 or uint32, got {dtype}")
     size = file.stat().st_size
+    if size == 0:
+        raise ValueError(f"pre-tokenized file {file} is empty; it holds no tokens")
     if size % dtype.itemsize:
         raise ValueError(
             f"{file} holds {size} bytes, not a whole number of {dtype} tokens; pass the dtype it was "
@@ -386,14 +498,22 @@ def load_corpus(
     """(train, validation) streams from a data spec, the form recipes take on the command line.
 
     Args:
-        data: ``"embedded"`` (the CPython documentation corpus, split by topic), a ``.bin``
+        data: ``"embedded"`` (the CPython documentation corpus, split by topic), ``"stdlib"``
+            (the standard library's source, split by file, tokenized once and cached:
+            :mod:`zoo.corpora`), a ``.bin``
             file (pre-tokenized; ``tokenizer`` unused), or text/jsonl files or a folder of them.
         tokenizer: tokenizes text sources.
         val_data: a separate validation source of the same kinds; without it the last
-            ``val_fraction`` of ``data`` is held out (the embedded corpus has its own split).
+            ``val_fraction`` of ``data`` is held out (the embedded and stdlib corpora have
+            their own splits).
         val_fraction: share of the tokens held out when ``val_data`` is not given.
         dtype: token dtype of ``.bin`` files (see :func:`load_bin`).
     """
+
+    if str(data) == "stdlib" and val_data is None:
+        from zoo.corpora import stdlib_streams
+
+        return stdlib_streams(tokenizer)
 
     def one(spec: str | os.PathLike, split: str) -> TokenStream:
         if str(spec) == EMBEDDED:
@@ -508,22 +628,36 @@ class BatchSampler:
         self.position = int(state["position"])
 
 
-def eval_windows(stream: TokenStream, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Consecutive non-overlapping windows (n, seq_len + 1) from the start of ``stream``.
+def eval_windows(
+    stream: TokenStream, seq_len: int, max_windows: int | None = None, spread: bool = False
+) -> np.ndarray:
+    """Non-overlapping windows (n, seq_len + 1) of ``stream``, deterministic, for validation.
 
-    Window ``j`` covers tokens ``[j * seq_len, (j + 1) * seq_len]``: each token after the
-    first is predicted exactly once. Deterministic, for validation perplexity.
+    By default the windows are consecutive from the start: window ``j`` covers tokens
+    ``[j * seq_len, (j + 1) * seq_len]``, so each token after the first is predicted exactly
+    once. With ``spread`` and fewer windows than the stream holds, the ``max_windows``
+    windows are instead laid evenly over the whole stream (the slots ``round(j * m / n)``
+    of the ``m`` consecutive ones): the same cost, drawn from every part of the data
+    rather than its first documents.
 
     Raises:
         ValueError: the stream is shorter than one window.
+
+    Example:
+        >>> stream = TokenStream(np.arange(101, dtype=np.uint16), "toy")
+        >>> eval_windows(stream, 10, 3)[:, 0].tolist(), eval_windows(stream, 10, 3, spread=True)[:, 0].tolist()
+        ([0, 10, 20], [0, 30, 70])
     """
-    n = (len(stream) - 1) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
+    available = (len(stream) - 1) // seq_len
+    n = available if max_windows is None else min(available, max_windows)
     if n < 1:
         raise ValueError(
             f"{stream.name} has {len(stream)} tokens, fewer than one evaluation window of "
             f"{seq_len + 1}; lower seq_len"
         )
-    tokens = np.asarray(stream.tokens[: n * seq_len + 1]).astype(np.int64)
-    return np.stack([tokens[j * seq_len : (j + 1) * seq_len + 1] for j in range(n)])
+    slots = range(n)
+    if spread and n < available:
+        slots = [round(j * available / n) for j in range(n)]  # increasing: n <= available
+    return np.stack(
+        [np.asarray(stream.tokens[j * seq_len : (j + 1) * seq_len + 1]).astype(np.int64) for j in slots]
+    )

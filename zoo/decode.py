@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from zoo.recurrence import run_passes
+from zoo.sampling import check_sampling, sample_next  # sample_next is re-exported here
 
 __all__ = ["GenerationOutput", "generate", "sample_next"]
 
@@ -39,45 +40,6 @@ class GenerationOutput:
     tokens: Tensor
     logits: Tensor
     depth: Tensor
-
-
-def sample_next(
-    logits: Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Draws one token per row from ``logits`` (B, V).
-
-    ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by the
-    temperature, restricted to the ``top_k`` largest and to the smallest set whose
-    probability reaches ``top_p`` (nucleus), and sampled with ``generator``.
-    """
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
 
 
 @torch.no_grad()
@@ -108,16 +70,16 @@ def generate(
     model.check_input(input_ids)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    _check_sampling(temperature, top_k, top_p)
     cfg = model.config
+    temperature, top_k, top_p, eos_token_id, seed = check_sampling(
+        temperature, top_k, top_p, eos_token_id, seed, cfg.vocab_size
+    )
     B, T = input_ids.shape
     if T + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}; "
             f"shorten the prompt or ask for at most {cfg.max_seq_len - T} new tokens"
         )
-    if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
-        raise ValueError(f"eos_token_id {eos_token_id} is outside [0, vocab_size={cfg.vocab_size})")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)

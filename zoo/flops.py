@@ -230,7 +230,7 @@ def _as_model(model: RecurrentLM | ModelConfig) -> RecurrentLM:
     if isinstance(model, RecurrentLM):
         return model
     if isinstance(model, ModelConfig):
-        return build_model(model, device="meta")
+        return build_model(model, device="meta").eval()  # count what inference runs
     raise ValueError(f"expected a RecurrentLM or a ModelConfig, got {type(model).__name__}")
 
 

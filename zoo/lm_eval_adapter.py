@@ -33,7 +33,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from zoo.data import Tokenizer, load_tokenizer
+from zoo.data import Tokenizer, resolve_tokenizer
 from zoo.model import RecurrentLM
 
 __all__ = ["PonderZooLM"]
@@ -43,21 +43,32 @@ __all__ = ["PonderZooLM"]
 class PonderZooLM(TemplateLM):
     """lm-eval's model API (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``) for a zoo model.
 
+    Every argument is checked here, at construction, so a bad ``model_args`` string fails
+    before the first request. Numbers may come as lm-eval's command line passes them
+    (``"8"``); ``batch_size`` takes lm-eval's own forms: an integer, ``"auto"`` (the largest
+    batch, from ``max_batch_size`` halving down, that runs a forward of the longest
+    request without running out of memory) or ``"auto:N"`` (the same, detected again at
+    ``N`` evenly spaced points of the requests, sorted longest first, as lm-eval's
+    Hugging Face model does).
+
     Args:
         model: a model object; or ``None`` with ``pretrained``.
         pretrained: a path :func:`zoo.train.load_trained` opens (a run folder, a checkpoint,
             a ``zoo.save`` folder or a Hugging Face folder), used when ``model`` is ``None``.
         tokenizer: a :class:`~zoo.data.Tokenizer` or its name (``"byte"``, a ``tokenizer.json``
-            path); ``None`` takes the one the run or folder names.
-        batch_size: sequences per forward when scoring.
-        max_length: longest input; default the model's ``max_seq_len``.
+            path); ``None`` takes the one the run or folder names, and there is no default
+            (:func:`zoo.data.resolve_tokenizer`).
+        batch_size: sequences per forward when scoring: a positive integer, ``"auto"`` or
+            ``"auto:N"``.
+        max_length: longest input, at most the model's ``max_seq_len`` (the default).
         device: where to run (``"cpu"``, ``"cuda"``); default where the model is.
         execution: ``"dense"``, ``"sparse"`` or ``None`` (the model's choice in eval mode).
-        max_batch_size: accepted for lm-eval's interface; unused.
+        max_batch_size: the largest batch ``"auto"`` tries (default 64).
 
     Raises:
-        ValueError: neither ``model`` nor ``pretrained``, no tokenizer, or a tokenizer
-            without an end-of-text token.
+        ValueError: neither or both of ``model`` and ``pretrained``, no tokenizer, a tokenizer
+            without an end-of-text token, or an argument of the wrong type or range (named,
+            with the valid forms).
     """
 
     def __init__(
@@ -72,18 +83,37 @@ class PonderZooLM(TemplateLM):
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self._batch_size, self.batch_schedule = _parse_batch_size(batch_size)
+        max_batch_size = 64 if max_batch_size is None else max_batch_size
+        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length)
+        if execution not in (None, "dense", "sparse"):
+            raise ValueError(f"execution must be 'dense', 'sparse' or None, got {execution!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(
+                    f"device={device!r} is not a torch device ({err}); use 'cpu' or 'cuda'"
+                ) from None
+        if (model is None) == (pretrained is None):
+            raise ValueError("PonderZooLM needs a model object or pretrained=<path>, not both")
+        named, source = None, "the model"
         if model is None:
-            if pretrained is None:
-                raise ValueError("PonderZooLM needs a model object or pretrained=<path>")
             from zoo.train import load_trained
 
             model, named = load_trained(pretrained)
-            tokenizer = tokenizer if tokenizer is not None else named
-        if tokenizer is None:
-            raise ValueError("PonderZooLM needs a tokenizer: pass tokenizer='byte' or a tokenizer.json path")
-        self.zoo_tokenizer = (
-            load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        )
+            source = str(pretrained)
+        elif not isinstance(model, RecurrentLM):
+            raise ValueError(f"model must be a zoo RecurrentLM, got {type(model).__name__}")
+        if max_length is not None and max_length > model.config.max_seq_len:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's max_seq_len={model.config.max_seq_len}; "
+                f"pass at most that, or leave it out"
+            )
+        model.resolve_execution(execution)  # e.g. sparse needs a freezing cache: refused now
+        self.zoo_tokenizer = resolve_tokenizer(tokenizer, named, model.config.vocab_size, source)
         if self.zoo_tokenizer.eos_token_id is None:
             raise ValueError(
                 f"tokenizer {self.zoo_tokenizer.name} has no end-of-text token, which lm-eval uses as the "
@@ -93,9 +123,16 @@ class PonderZooLM(TemplateLM):
             model = model.to(device)
         self.model = model.eval()
         self._device = next(model.parameters()).device
-        self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
-        self.max_length = int(max_length or model.config.max_seq_len)
+        self.max_length = max_length or model.config.max_seq_len
         self.execution = execution
+        self.batch_sizes: dict[int, int] = {}  # schedule point -> detected size (batch_size "auto")
+
+    @property
+    def batch_size(self) -> int | str:
+        """The fixed batch size, or ``"auto"`` / ``"auto:N"`` as given."""
+        if self._batch_size is not None:
+            return self._batch_size
+        return "auto" if self.batch_schedule == 1 else f"auto:{self.batch_schedule}"
 
     # TemplateLM hooks ---------------------------------------------------------------------
 
@@ -134,8 +171,11 @@ class PonderZooLM(TemplateLM):
             whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
             prepared.append((index, whole[:-1], whole[-len(continuation) :]))
         prepared.sort(key=lambda item: -len(item[1]))
-        for first in range(0, len(prepared), self.batch_size):
-            chunk = prepared[first : first + self.batch_size]
+        first = 0
+        while first < len(prepared):
+            size = self._batch_size or self._detected_batch_size(first, prepared)
+            chunk = prepared[first : first + size]
+            first += size
             width = len(chunk[0][1])
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, inputs, _) in enumerate(chunk):
@@ -208,3 +248,64 @@ class PonderZooLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
+
+    def _detected_batch_size(self, position: int, prepared: list) -> int:
+        """``"auto"``: the batch size of the schedule point ``position`` falls in, detected once."""
+        span = max(-(-len(prepared) // self.batch_schedule), 1)  # requests per schedule point
+        point = position // span
+        if point not in self.batch_sizes:
+            width = max(len(prepared[point * span][1]), 1)
+            self.batch_sizes[point] = self._largest_batch(width)
+        return self.batch_sizes[point]
+
+    @torch.no_grad()
+    def _largest_batch(self, width: int) -> int:
+        """The largest batch from ``max_batch_size`` halving down whose forward of ``width``
+        tokens (and its log-softmax) fits in memory; 1 if none does."""
+        size = self.max_batch_size
+        while size > 1:
+            try:
+                ids = torch.zeros(size, width, dtype=torch.long, device=self._device)
+                F.log_softmax(self.model(ids, execution=self.execution).logits.float(), dim=-1)
+                return size
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not _out_of_memory(err):
+                    raise
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+                size //= 2
+        return 1
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as a positive int; lm-eval's command line may hand over ``"8"``."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _parse_batch_size(value: object) -> tuple[int | None, int]:
+    """(fixed size or None for auto, schedule points): ``8``, ``"8"``, ``"auto"``, ``"auto:4"``."""
+    if isinstance(value, str) and value.strip().startswith("auto"):
+        head, sep, times = value.strip().partition(":")
+        if head == "auto" and (not sep or (times.isdigit() and int(times) >= 1)):
+            return None, int(times) if times else 1
+        raise ValueError(
+            f"batch_size={value!r}: use a positive integer, 'auto', or 'auto:N' with N a positive "
+            f"integer (detect the batch size N times over the requests)"
+        )
+    try:
+        return _positive_int("batch_size", value), 1
+    except ValueError:
+        raise ValueError(
+            f"batch_size must be a positive integer, 'auto' or 'auto:N', got {value!r}"
+        ) from None

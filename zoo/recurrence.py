@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from zoo.blocks.head import expected_embedding
 from zoo.caches.base import KVStore, KVView
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, PassContext
+from zoo.halting.base import HaltingPolicy, PassContext, next_token_targets
 from zoo.layout import Grid, Layout, select
 from zoo.registry import RECURRENCES
 
@@ -202,7 +202,8 @@ def run_passes(
     policy, recurrence, cache = model.halting, model.recurrence, model.cache
     device = input_ids.device
     positions = torch.arange(start, start + n, device=device).expand(B, n)  # (B, n)
-    context_ids = None if sparse else input_ids  # per-token targets exist for whole sequences only
+    context_ids = None if sparse else input_ids  # ids aligned with the logits exist for the whole chunk only
+    targets = next_token_targets(input_ids)  # per token, so they follow the layout
 
     x = recurrence.initial(model.embed(input_ids))  # E^0, (B, n, d)
     live = torch.ones(B, n, dtype=torch.bool, device=device)
@@ -245,7 +246,7 @@ def run_passes(
                 logits = part.write_logits(logits, hidden_i, wanted, n - first, first, model.head)
             break
         logits_i = model.head(hidden_i) if per_pass_logits else None
-        ctx = PassContext(pos, context_ids, step, P)
+        ctx = PassContext(pos, context_ids, step, P, part.gather(targets))
         decision = step_policy(policy, i, hidden_i, logits_i, active, state, ctx, part, ran, x.dtype)
         goes_on = decision.mask
         if decision.aux_loss is not None:
@@ -271,7 +272,7 @@ def run_passes(
         gates.append(torch.ones_like(live, dtype=x.dtype))
     mask_stack = torch.stack(masks)  # (P, B, n)
     gate_stack = torch.stack(gates) if gates else x.new_zeros(0, B, n)
-    final_weight, final_aux = finish_policy(policy, gate_stack, mask_stack, state, PassContext(positions, context_ids, step, P))
+    final_weight, final_aux = finish_policy(policy, gate_stack, mask_stack, state, PassContext(positions, context_ids, step, P, targets))
     if final_aux is not None:
         aux = aux + final_aux
     if hidden is None:  # no row ran at all

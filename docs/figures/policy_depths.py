@@ -5,9 +5,9 @@ Command (from the repository root, after ``make demo`` has trained ``runs/demo``
     python docs/figures/policy_depths.py                       # rewrites docs/figures/depth_*.svg
     python docs/figures/policy_depths.py --run <demo folder> --out /tmp --act-steps 50
 
-Loads the demo's trained ``adaponder-pythia-tiny`` (the run's latest checkpoint) and
-evaluates it with :func:`zoo.analysis.evaluate` on the demo's validation data (the
-embedded corpus's validation split, the demo's ``seq_len``) under each policy:
+Loads the demo's trained AdaPonder model (``runs/demo/adaponder``, its latest checkpoint)
+and evaluates it with :func:`zoo.analysis.evaluate` on the demo's validation data (the
+standard library's held-out source files, the demo's ``seq_len``) under each policy:
 
 * ``mlp_gate``: the trained gates, as the demo runs them;
 * ``none``: the same weights with ``halting="none"`` (every pass, the pondering update
@@ -42,7 +42,7 @@ from make_figures import ACCENT, ACTIVE, EDGE, GREEN, INK, plt, save  # noqa: E4
 import zoo  # noqa: E402
 from zoo.analysis import EvalReport, evaluate, full_depth_copy  # noqa: E402
 from zoo.build import build_model  # noqa: E402
-from zoo.data import ByteTokenizer, TokenStream, eval_windows, load_corpus  # noqa: E402
+from zoo.data import TokenStream, eval_windows, load_corpus, load_tokenizer  # noqa: E402
 from zoo.halting.fixed_prune import expected_depth, ratio_for_depth  # noqa: E402
 from zoo.train import (  # noqa: E402
     RUN_INFO,
@@ -69,7 +69,6 @@ FIGURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 EARLY_EXIT_THRESHOLDS = (0.5, 0.9)  # max_prob; 0.9 is the policy's default
 ACT_KWARGS: dict = {}  # the defaults: epsilon 0.01, tau 0.01, bias_init -3
-ACT_LR = 3e-3  # the demo's peak learning rate; AdamW, cosine to 0.1x
 ACT_STEPS = 200
 COLORS = (ACTIVE, ACCENT, GREEN)
 # The TrainConfig fields that decide ACT's training, kept in the JSON.
@@ -81,24 +80,33 @@ TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_
 
 
 def open_demo(run: Path) -> tuple[zoo.RecurrentLM, dict, int]:
-    """The demo's trained model, its ``run.json`` and the step of its latest checkpoint.
+    """The demo's trained AdaPonder model, its settings and the step of its checkpoint.
 
     Raises:
-        SystemExit: ``run`` is not a demo run folder with a checkpoint.
+        SystemExit: ``run`` is not a demo folder with a trained AdaPonder model.
     """
-    info = run / RUN_INFO
-    checkpoint = latest_checkpoint(run) if run.is_dir() else None
-    if not info.is_file() or checkpoint is None:
+    folder = run / "adaponder"
+    checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
+    if not (run / "demo.json").is_file() or checkpoint is None:
         raise SystemExit(
-            f"{run} holds no trained demo (no {RUN_INFO} or no checkpoint): run `make demo` first, "
+            f"{run} holds no trained demo (no demo.json or no adaponder checkpoint): run `make demo` first, "
             f"or pass --run <folder> with a demo run"
         )
-    meta = json.loads(info.read_text())
-    if meta.get("recipe") != "demo":
-        raise SystemExit(f"{run} is a {meta.get('recipe')!r} run, not a demo run; pass --run <demo folder>")
+    info = json.loads((folder / RUN_INFO).read_text())
+    settings = info["settings"]
+    demo = {
+        "model": "adaponder",
+        "data": settings["data"],
+        "tokenizer": info["tokenizer"],
+        "batch_size": settings["batch_size"],
+        "seq_len": settings["seq_len"],
+        "lr": settings["lr"],
+        "seed": info["seed"],
+        "steps": settings["steps"],
+    }
     step = int(json.loads((checkpoint / "trainer.json").read_text())["step"])
-    model, _ = load_trained(run)
-    return model.eval(), meta, step
+    model, _ = load_trained(folder)
+    return model.eval(), demo, step
 
 
 def with_policy(
@@ -146,7 +154,7 @@ def train_act(act: zoo.RecurrentLM, demo: dict, steps: int, data: TokenStream) -
         steps=steps,
         batch_size=demo["batch_size"],
         seq_len=demo["seq_len"],
-        lr=ACT_LR,
+        lr=demo["lr"],
         warmup_steps=max(1, round(0.05 * steps)),
         weight_decay=0.0,
         seed=demo["seed"],
@@ -159,7 +167,7 @@ def train_act(act: zoo.RecurrentLM, demo: dict, steps: int, data: TokenStream) -
     act.eval()
     return {
         "train": {k: v for k, v in config.to_dict().items() if k in TRAIN_FIELDS},
-        "data": "embedded corpus, training split",
+        "data": f"{demo['data']} corpus, training split",
         "first_step": {k: rows[0][k] for k in ("loss", "aux_loss", "depth")},
         "last_step": {k: rows[-1][k] for k in ("loss", "aux_loss", "depth")},
     }
@@ -173,7 +181,7 @@ def running_gate_medians(
 
     The gate scales those tokens' pondering update; other policies scale it by 1.
     """
-    ids = torch.as_tensor(eval_windows(val, seq_len, windows))[:, :-1]  # (N, T)
+    ids = torch.as_tensor(eval_windows(val, seq_len, windows, spread=True))[:, :-1]  # (N, T)
     gates, running = [], []
     for first in range(0, ids.shape[0], 8):
         out = model(ids[first : first + 8], execution="dense")
@@ -185,11 +193,11 @@ def running_gate_medians(
 
 def measure(model: zoo.RecurrentLM, demo: dict, act_steps: int, eval_windows: int | None) -> dict[str, dict]:
     """Every evaluation the figures show, by name."""
-    data, val = load_corpus("embedded", ByteTokenizer())
+    data, val = load_corpus(demo["data"], load_tokenizer(demo["tokenizer"]))
     seq_len, passes = demo["seq_len"], model.config.passes
 
     def run(name: str, m: zoo.RecurrentLM, **extra) -> dict:
-        report = evaluate(m, val, seq_len, max_windows=eval_windows)
+        report = evaluate(m, val, seq_len, max_windows=eval_windows, spread=True)
         print(f"{name}: mean depth {report.mean_depth:.3f}, perplexity {report.perplexity:.3f}, "
               f"compute saved {_percent(report.compute_saved)}")
         return entry(m, report, **extra)
@@ -311,7 +319,7 @@ def draw(numbers: dict, out: Path) -> list[Path]:
     """Writes every figure of :data:`FIGURES` from ``numbers``; returns the paths."""
     run, ev = numbers["run"], numbers["eval"]
     note = (
-        f"{run['model_config']['passes']}-pass demo model ({run['preset']}, checkpoint step {run['step']}); "
+        f"{run['model_config']['passes']}-pass demo AdaPonder model (checkpoint step {run['step']}); "
         f"{ev['tokens']:,} validation bytes in windows of {ev['seq_len']}. {COMMAND}"
     )
     titles = headings(numbers)
@@ -334,13 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo run folder (make demo)")
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: docs/figures)")
     parser.add_argument("--act-steps", type=int, default=ACT_STEPS, help="steps training ACT's halting units")
-    parser.add_argument("--eval-windows", type=int, default=None, help="validation windows (default: all)")
+    parser.add_argument("--eval-windows", type=int, default=1024, help="validation windows (the demo's 1024)")
     args = parser.parse_args(argv)
-    if args.act_steps < 1 or (args.eval_windows is not None and args.eval_windows < 1):
+    if args.act_steps < 1 or args.eval_windows < 1:
         parser.error("--act-steps and --eval-windows must be at least 1")
     torch.set_num_threads(1)  # deterministic numbers, and a tiny model runs fastest so
-    model, meta, step = open_demo(args.run)
-    demo = meta["demo"]
+    model, demo, step = open_demo(args.run)
     evaluations = measure(model, demo, args.act_steps, args.eval_windows)
     numbers = {
         "command": COMMAND,
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_config": model.config.to_dict(),
         },
         "eval": {
-            "data": "embedded corpus, validation split",
+            "data": f"{demo['data']} corpus, validation split",
             "seq_len": demo["seq_len"],
             "windows": args.eval_windows,
             "tokens": evaluations["mlp_gate"]["report"]["tokens"],

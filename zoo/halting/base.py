@@ -24,11 +24,19 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
 
-__all__ = ["HaltingPolicy", "HaltStep", "PassContext"]
+__all__ = ["HaltingPolicy", "HaltStep", "PassContext", "IGNORE", "next_token_targets"]
+
+IGNORE = -100  # a target that is not there (cross-entropy's ignore_index)
+
+
+def next_token_targets(input_ids: Tensor) -> Tensor:
+    """(B, T) the next token of each token of ``input_ids`` (B, T), :data:`IGNORE` for the last."""
+    return torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORE)
 
 
 @dataclass
@@ -41,12 +49,18 @@ class PassContext:
         step: training step as a 0-d tensor (schedules read it without recompiling), or
             ``None`` outside training: schedules then sit at their final value.
         passes: total passes ``P``.
+        targets: (B, T) the next token of each of the pass's tokens, on the pass's layout
+            like ``positions`` (so also in sparse execution), ``IGNORE`` (-100) where it is
+            not in the input (the last token of a chunk); ``None`` where the driver has no
+            ids. Per-token losses that need targets (``mlp_gate``'s NLL-ranked halting) read
+            these.
     """
 
     positions: Tensor
     input_ids: Tensor | None
     step: Tensor | None
     passes: int
+    targets: Tensor | None = None
 
 
 @dataclass

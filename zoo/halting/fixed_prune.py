@@ -23,6 +23,7 @@ SCHEDULES = ("uniform", "geometric")
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive pass indices apart
+_SEED_OFFSET = 0x5BD1E995  # any odd constant: moves seed 0 off the mix's fixed point at 0
 
 
 @HALTING.register("fixed_prune")
@@ -31,7 +32,7 @@ class FixedPrune(HaltingPolicy):
 
     The baseline AdaPonderLM (arXiv 2603.01914) compares learned gates with at equal FLOPs.
     After pondering pass ``i``, with ``u`` a stateless hash of ``(seed, position, i)``
-    mapped to ``[0, 1)`` (:func:`uniform_hash`)::
+    mapped to ``(0, 1)`` (:func:`uniform_hash`), uniform for every triple::
 
         m^{i+1} = m^i & (u(seed, position, i) >= r_i)        s^i = 1
 
@@ -97,21 +98,25 @@ class FixedPrune(HaltingPolicy):
 
 
 def uniform_hash(seed: int, positions: Tensor, index: int) -> Tensor:
-    """A stateless hash of ``(seed, position, index)`` mapped to ``[0, 1)``, float32.
+    """A stateless hash of ``(seed, position, index)`` mapped to ``(0, 1)``, float32.
 
     Chris Wellons' ``lowbias32`` integer mix, applied to the position and then to the
-    position's mix xor a key derived from the seed and the pass index. 32-bit arithmetic is
-    emulated exactly in int64 (no overflow, no data-dependent shapes), so the result is the
-    same on every device and under ``torch.compile``.
+    position's mix xor a key derived from the seed and the pass index. The mix maps 0 to 0,
+    so the seed is offset by a constant before it is mixed: otherwise seed 0, position 0,
+    pass 0 would hash to exactly 0 and that token would halt for any ratio above 0. The top
+    24 bits give the centre of one of 2^24 equal cells, so the value is never 0 or 1 and is
+    uniform for every ``(seed, position, index)``. 32-bit arithmetic is emulated exactly in
+    int64 (no overflow, no data-dependent shapes), so the result is the same on every device
+    and under ``torch.compile``.
 
     Args:
         seed: any int.
         positions: integer tensor of token positions, any shape.
         index: the pass index.
     """
-    key = _mix32(_mix32(seed & _MASK32) ^ ((index * _GOLDEN32) & _MASK32))  # a Python int
+    key = _mix32(_mix32((seed + _SEED_OFFSET) & _MASK32) ^ ((index * _GOLDEN32) & _MASK32))  # a Python int
     h = _mix32(_mix32(positions.to(torch.int64) & _MASK32) ^ key)
-    return (h >> 8).to(torch.float32) * 2.0**-24  # 24 bits: exact in float32
+    return ((h >> 8).to(torch.float32) + 0.5) * 2.0**-24  # 24 bits and a half: exact in float32
 
 
 def pass_fraction(ratio: float, index: int, schedule: str) -> float:

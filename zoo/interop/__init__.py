@@ -1,4 +1,4 @@
-"""Conversion to and from other libraries' checkpoints (Hugging Face GPT-NeoX)."""
+"""Hugging Face checkpoints in and out: GPT-NeoX, Llama, adaptive models with remote code, Hub ids."""
 
 from zoo.interop.hf import from_hf, hf_config_to_fields, to_hf
 

@@ -1,22 +1,20 @@
-"""Hugging Face GPT-NeoX (Pythia) checkpoints in and out.
+"""Hugging Face checkpoints in and out: GPT-NeoX, Llama, and adaptive models with remote code.
 
-:func:`from_hf` reads a local folder as transformers writes it (``config.json`` plus
-``model.safetensors`` or a sharded ``model.safetensors.index.json``); :func:`to_hf` writes
-a single-pass model back so that ``GPTNeoXForCausalLM.from_pretrained`` reproduces it.
+:func:`from_hf` reads a folder as transformers writes it (``config.json`` plus
+``model.safetensors`` or a sharded ``model.safetensors.index.json``), a local one or a
+Hub id through huggingface_hub's cache (:mod:`zoo.interop.hub`). ``config.json``'s
+``model_type`` says how to read it:
 
-Parameter names map one to one; no tensor changes layout, because the fused QKV weight of
-:class:`~zoo.blocks.attention.Attention` is laid out per head exactly as GPT-NeoX stores
-it (``[heads, 3, head_dim]``)::
+| ``model_type`` | written by | becomes |
+|---|---|---|
+| ``gpt_neox`` | transformers (Pythia) | a ``neox`` model (:mod:`zoo.interop.neox`) |
+| ``llama`` | transformers | a ``llama`` model (:mod:`zoo.interop.llama`) |
+| ``ponder_zoo`` | :func:`to_hf` | the zoo model it was (:mod:`zoo.interop.remote`) |
 
-    gpt_neox.embed_in                           embed
-    gpt_neox.layers.N.input_layernorm           layers.N.attn_norm
-    gpt_neox.layers.N.post_attention_layernorm  layers.N.mlp_norm
-    gpt_neox.layers.N.attention.query_key_value layers.N.attn.qkv
-    gpt_neox.layers.N.attention.dense           layers.N.attn.proj
-    gpt_neox.layers.N.mlp.dense_h_to_4h         layers.N.mlp.fc_in
-    gpt_neox.layers.N.mlp.dense_4h_to_h         layers.N.mlp.fc_out
-    gpt_neox.final_layer_norm                   final_norm
-    embed_out (older name; lm_head in memory)   head
+:func:`to_hf` writes the reverse: a one-pass ``neox`` or ``llama`` model that transformers
+can express stays a plain ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` folder; any other
+model gets remote code that ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` runs.
 
 Pickle weight files (``pytorch_model.bin``, ``*.pt``, ``*.pth``) are refused: unpickling
 runs arbitrary code.
@@ -27,9 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -37,183 +34,77 @@ from safetensors.torch import save_file
 from zoo.build import build_model
 from zoo.checkpoint import (
     StoredTensor,
-    atomic_write,
     index_safetensors,
-    load_into,
+    is_hf_checkpoint,
     materialize,
     model_tensors,
+    write_folder,
 )
-from zoo.config import ModelConfig
+from zoo.config import ModelConfig, parse_hf_config
+from zoo.interop import hub, llama, neox, remote
+from zoo.interop.neox import hf_to_zoo_name, zoo_to_hf_name
 from zoo.model import RecurrentLM
 
 __all__ = ["from_hf", "to_hf", "hf_config_to_fields", "hf_to_zoo_name", "zoo_to_hf_name"]
 
 logger = logging.getLogger("zoo.interop")
 
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "pytorch_model.bin.index.json")
+SAFETENSORS_FILE = hub.SAFETENSORS_FILE
+SAFETENSORS_INDEX = hub.SAFETENSORS_INDEX
 
-# transformers' ``hidden_act`` names -> ``ModelConfig.gelu_approximate``.
-_GELU = {
-    "gelu": "none",
-    "gelu_python": "none",
-    "gelu_new": "tanh",
-    "gelu_fast": "tanh",
-    "gelu_pytorch_tanh": "tanh",
-    "gelu_python_tanh": "tanh",
-    "gelu_accurate": "tanh",
+Loader = Callable[[RecurrentLM, dict[str, StoredTensor], Path, list[str]], list[str]]
+# model_type -> (config.json dict -> ModelConfig fields, tensor loader)
+_READERS: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], Loader]] = {
+    neox.MODEL_TYPE: (neox.config_fields, neox.load),
+    llama.MODEL_TYPE: (llama.config_fields, llama.load),
+    remote.MODEL_TYPE: (remote.config_fields, remote.load),
 }
-# What to_hf writes: transformers' activation that is exactly torch's GELU of that flavour.
-_HIDDEN_ACT = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
-
-_LAYER_PARTS = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "mlp_norm",
-    "attention.query_key_value": "attn.qkv",
-    "attention.dense": "attn.proj",
-    "mlp.dense_h_to_4h": "mlp.fc_in",
-    "mlp.dense_4h_to_h": "mlp.fc_out",
-}
-_TOP_LEVEL = {
-    "gpt_neox.embed_in.weight": "embed.weight",
-    "gpt_neox.final_layer_norm.weight": "final_norm.weight",
-    "gpt_neox.final_layer_norm.bias": "final_norm.bias",
-    "embed_out.weight": "head.weight",
-    "lm_head.weight": "head.weight",  # the in-memory name, written by some converters
-}
-# The inverse maps; the head is written under the name published checkpoints use.
-_LAYER_PARTS_TO_HF = {v: k for k, v in _LAYER_PARTS.items()}
-_TOP_LEVEL_TO_HF = {v: k for k, v in _TOP_LEVEL.items() if k != "lm_head.weight"}
-_LAYER = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_ZOO_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
-# Buffers that old GPT-NeoX checkpoints carry: a causal mask, its fill value, rotary
-# frequencies. None is a weight; all are recomputed.
-_LEGACY = re.compile(r"(^|\.)attention\.(bias|masked_bias)$|(^|\.)inv_freq$")
-
-
-def hf_to_zoo_name(name: str) -> str | None:
-    """The zoo parameter name of a GPT-NeoX tensor name; ``None`` if it is not a known weight."""
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    match = _LAYER.match(name)
-    if match and match.group(2) in _LAYER_PARTS:
-        index, part, kind = match.groups()
-        return f"layers.{index}.{_LAYER_PARTS[part]}.{kind}"
-    return None
-
-
-def zoo_to_hf_name(name: str) -> str:
-    """The GPT-NeoX tensor name of a zoo ``neox`` parameter (``head`` -> ``embed_out``)."""
-    if name in _TOP_LEVEL_TO_HF:
-        return _TOP_LEVEL_TO_HF[name]
-    match = _ZOO_LAYER.match(name)
-    if match and match.group(2) in _LAYER_PARTS_TO_HF:
-        index, part, kind = match.groups()
-        return f"gpt_neox.layers.{index}.{_LAYER_PARTS_TO_HF[part]}.{kind}"
-    raise ValueError(f"parameter {name!r} has no GPT-NeoX counterpart")
+# block -> the module that writes it as a plain transformers folder
+_PLAIN = {"neox": neox, "llama": llama}
 
 
 # Config ----------------------------------------------------------------------------------
 
 
 def hf_config_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """:class:`~zoo.config.ModelConfig` fields of a GPT-NeoX ``config.json`` dict.
+    """:class:`~zoo.config.ModelConfig` fields of a transformers ``config.json`` dict.
 
-    Reads both what transformers 4.x wrote (``rotary_pct``, ``rotary_emb_base``) and what
-    5.x writes (``rope_parameters: {rope_theta, partial_rotary_factor}``); absent optional
-    keys take ``GPTNeoXConfig``'s defaults. The stored dtype (``torch_dtype``/``dtype``),
-    dropout rates and token ids do not affect the architecture and are ignored.
+    ``model_type`` ``gpt_neox`` reads both what transformers 4.x wrote (``rotary_pct``,
+    ``rotary_emb_base``) and what 5.x writes (``rope_parameters``); ``llama`` likewise
+    (``rope_theta`` or ``rope_parameters``); ``ponder_zoo`` (written by :func:`to_hf`)
+    holds the fields themselves. Absent optional keys take transformers' defaults; the
+    stored dtype, dropout rates and token ids do not affect the architecture and are
+    ignored.
 
     Raises:
-        ValueError: not a GPT-NeoX config, a required key missing, or a feature this
-            library does not implement (scaled rotary, non-GELU activation, no biases).
+        ValueError: another ``model_type``, a required key missing, or a feature this
+            library does not implement (the message names it).
     """
     model_type = hf.get("model_type")
-    if model_type != "gpt_neox":
+    if model_type not in _READERS:
         raise ValueError(
-            f"config.json has model_type {model_type!r}; zoo.from_hf reads GPT-NeoX (Pythia) "
-            f"checkpoints, model_type 'gpt_neox'"
+            f"config.json has model_type {model_type!r}; zoo.from_hf reads {', '.join(map(repr, _READERS))} "
+            f"(GPT-NeoX/Pythia, Llama, and adaptive models written by zoo.to_hf)"
         )
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    absent = [key for key in required if key not in hf]
-    if absent:
-        raise ValueError(f"config.json lacks required GPT-NeoX key(s) {absent}")
-
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling"):
-        raise ValueError(
-            f"config.json sets rope_scaling={hf['rope_scaling']!r}; only plain rotary is supported"
-        )
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json uses rope_type {rope_type!r}; only 'default' rotary is supported")
-    rotary_fraction = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-    rotary_base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
-
-    act = hf.get("hidden_act", "gelu")
-    if act not in _GELU:
-        raise ValueError(f"config.json has hidden_act {act!r}; supported: {', '.join(sorted(_GELU))}")
-    if not hf.get("attention_bias", True):
-        raise ValueError(
-            "config.json sets attention_bias=false, but GPT-NeoX's MLP keeps its biases; the zoo "
-            "'neox' block has one bias switch for all linears and cannot express that mix"
-        )
-    dim = int(hf["hidden_size"])
-    mlp_dim = int(hf["intermediate_size"])
-    return dict(
-        vocab_size=int(hf["vocab_size"]),
-        dim=dim,
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=int(hf["num_attention_heads"]),
-        mlp_dim=None if mlp_dim == 4 * dim else mlp_dim,
-        rotary_fraction=float(rotary_fraction),
-        rotary_base=float(rotary_base),
-        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-        parallel_residual=bool(hf.get("use_parallel_residual", True)),
-        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bias=True,
-        gelu_approximate=_GELU[act],
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        block="neox",
-    )
-
-
-def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.dim,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "intermediate_size": config.hidden_dim,
-        "hidden_act": _HIDDEN_ACT[config.gelu_approximate],
-        # Both spellings: transformers 5.x reads rope_parameters, 4.x reads rotary_pct/base.
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": config.rotary_base,
-            "partial_rotary_factor": config.rotary_fraction,
-        },
-        "rotary_pct": config.rotary_fraction,
-        "rotary_emb_base": config.rotary_base,
-        "layer_norm_eps": config.norm_eps,
-        "use_parallel_residual": config.parallel_residual,
-        "tie_word_embeddings": config.tied_embeddings,
-        "max_position_embeddings": config.max_seq_len,
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
-    }
+    return _READERS[model_type][0](hf)
 
 
 # Loading ----------------------------------------------------------------------------------
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _no_safetensors(source: str, pickles: list[str]) -> str:
+    held = "has no safetensors weights"
+    if pickles:
+        held = f"holds only pickle weight files ({', '.join(pickles)})"
+    return (
+        f"{source} {held}. Loading a pickle file can execute arbitrary code, so zoo.from_hf reads "
+        f"safetensors only ({SAFETENSORS_FILE} or a sharded {SAFETENSORS_INDEX}). Convert it where "
+        f"you trust the file: load it with transformers (AutoModelForCausalLM.from_pretrained) and "
+        f"write it back with model.save_pretrained(folder, safe_serialization=True)"
+    )
+
+
+def _weight_files(folder: Path, source: str) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -224,16 +115,10 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / SAFETENSORS_FILE
     if single.is_file():
         return [single]
-    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+    pickles = sorted({p.name for pattern in hub.PICKLE_PATTERNS for p in folder.glob(pattern)})
     if pickles:
-        raise ValueError(
-            f"{folder} holds only pickle weight files ({', '.join(pickles)}). Loading a pickle file "
-            f"can execute arbitrary code, so zoo.from_hf reads safetensors only. Convert it where "
-            f"you trust the file: load it with transformers "
-            f"(GPTNeoXForCausalLM.from_pretrained(folder)) and write it back with "
-            f"model.save_pretrained(folder, safe_serialization=True)"
-        )
-    raise FileNotFoundError(f"{folder} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+        raise ValueError(_no_safetensors(source, pickles))
+    raise FileNotFoundError(_no_safetensors(source, []))
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
@@ -250,37 +135,70 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
         )
     if not isinstance(data, dict):
         raise ValueError(f"{config_file} must hold a JSON object")
-    return data
+    return parse_hf_config(data, config_file)
+
+
+def _resolve(
+    path_or_id: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None
+) -> tuple[Path, str]:
+    """The local folder to read and how to name it in messages."""
+    local = Path(path_or_id).expanduser()
+    if isinstance(path_or_id, str) and not local.exists() and hub.is_hub_id(path_or_id):
+        folder = hub.snapshot(path_or_id, revision=revision, cache_dir=cache_dir)
+        return folder, f"the Hub repository {path_or_id!r} (revision {revision or 'main'!r})"
+    if local.is_file():
+        raise ValueError(f"{local} is a file; a Hugging Face checkpoint is a folder (config.json + weights)")
+    if not local.is_dir():
+        raise FileNotFoundError(f"Hugging Face checkpoint folder {local} does not exist")
+    if revision is not None or cache_dir is not None:
+        raise ValueError(
+            f"revision and cache_dir choose a version of a Hub id; {local} is a local folder, "
+            f"which has one version: drop them"
+        )
+    return local, str(local)
 
 
 def from_hf(
-    path: str | os.PathLike,
+    path_or_id: str | os.PathLike,
     *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> RecurrentLM:
-    """Loads a local Hugging Face GPT-NeoX (Pythia) checkpoint folder.
+    """Loads a Hugging Face checkpoint: a local folder or a Hub id, GPT-NeoX, Llama or ponder-zoo.
 
-    Without overrides the result is exactly that model (``recurrence="none"``, one pass,
-    ``embed_scale=1``). Overrides such as ``recurrence="ponder", passes=4,
-    halting="mlp_gate", cache="kv_reuse"`` give a recurrent model initialised from the
-    checkpoint, the start of continued pretraining; ``embed_scale`` stays 1 unless
-    overridden (DESIGN.md section 2, decision 5). Parameters the checkpoint does not hold
-    (a halting policy's gates) keep their fresh initialisation and are named in one INFO
-    line of the ``zoo.interop`` logger.
+    A string that is not an existing folder and is spelled like a Hub id (``org/name``) is
+    resolved with huggingface_hub: its cache (``HF_HOME``, ``HF_HUB_CACHE``), its offline
+    switch (``HF_HUB_OFFLINE=1`` reads only the cache), its login for private repositories.
+    Only ``config.json`` and the safetensors weights are fetched.
+
+    Without overrides the result is exactly the checkpoint's model: a Pythia or Llama
+    folder gives that model (``recurrence="none"``, one pass, ``embed_scale=1``), a folder
+    written by :func:`to_hf` the zoo model it was. Overrides such as
+    ``recurrence="ponder", passes=4, halting="mlp_gate", cache="kv_reuse"`` give a
+    recurrent model initialised from the checkpoint, the start of continued pretraining;
+    ``embed_scale`` stays as stored (1 for Pythia and Llama) unless overridden. Parameters
+    the checkpoint does not hold (a halting policy's gates) keep their fresh
+    initialisation and are named in one INFO line of the ``zoo.interop`` logger.
 
     Args:
-        path: a folder with ``config.json`` and ``model.safetensors`` (or a sharded
-            ``model.safetensors.index.json``).
+        path_or_id: a folder with ``config.json`` and ``model.safetensors`` (or a sharded
+            ``model.safetensors.index.json``), or a Hub id such as ``"EleutherAI/pythia-70m"``.
+        revision: for a Hub id, the branch, tag or commit hash (default ``main``).
+        cache_dir: for a Hub id, the cache folder (default: huggingface_hub's).
         device: where to put the model (default CPU).
         dtype: parameter dtype (default fp32); fp16/bf16 files are converted.
         **overrides: :class:`~zoo.config.ModelConfig` fields applied over the checkpoint's.
 
     Raises:
-        FileNotFoundError: the folder, its ``config.json`` or its weights are missing.
+        FileNotFoundError: the folder, its ``config.json`` or its weights are missing; a Hub
+            id that is not cached while the Hub cannot be asked (``HF_HUB_OFFLINE``), or
+            that does not exist.
         ValueError: pickle-only weights (refused), an unsupported config, unknown override
-            fields, or tensors that are missing, unexpected or mis-shaped (listed).
+            fields, ``revision``/``cache_dir`` with a local folder, or tensors that are
+            missing, unexpected or mis-shaped (listed).
 
     Example:
         >>> import tempfile, zoo
@@ -289,95 +207,106 @@ def from_hf(
         >>> ada.config.embed_scale, ada.config.passes
         (1.0, 4)
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Hugging Face checkpoint folder {folder} does not exist")
-    base = ModelConfig(**hf_config_to_fields(_read_hf_config(folder)))
+    folder, source = _resolve(path_or_id, revision, cache_dir)
+    hf = _read_hf_config(folder)
+    base = ModelConfig(**hf_config_to_fields(hf))
     config = base.replace(**overrides)
-    files = _weight_files(folder)
-    stored = _map_names(index_safetensors(files), folder, config)
+    index = index_safetensors(_weight_files(folder, source))
+    if hf["model_type"] == remote.MODEL_TYPE and config.halting != base.halting:
+        index = remote.without_halting(index)  # the stored gates belong to another policy
 
     model = materialize(build_model(config, device="meta", dtype=dtype or torch.float32), device)
     # Only a halting policy's parameters may be absent: any other gap is a mismatch.
     policy = [name for name in model_tensors(model) if name.startswith("halting.")]
-    fresh = load_into(model, stored, source=str(folder), optional=policy)
+    fresh = _READERS[hf["model_type"]][1](model, index, folder, policy)
     if fresh:
         model.halting.reset_parameters()
-        logger.info("from_hf(%s): initialised fresh, not in the checkpoint: %s", folder, ", ".join(fresh))
+        logger.info("from_hf(%s): initialised fresh, not in the checkpoint: %s", path_or_id, ", ".join(fresh))
     return model
-
-
-def _map_names(index: dict[str, StoredTensor], folder: Path, config: ModelConfig) -> dict[str, StoredTensor]:
-    stored: dict[str, StoredTensor] = {}
-    unknown = []
-    for key, where in index.items():
-        if _LEGACY.search(key):
-            continue
-        name = hf_to_zoo_name(key)
-        if name is None:
-            unknown.append(key)
-            continue
-        if name == "head.weight" and config.tied_embeddings:
-            # transformers ties the head to embed_in and ignores a stored copy; so do we.
-            continue
-        if name in stored:
-            raise ValueError(f"{folder} stores {name!r} twice: as {stored[name].key!r} and as {key!r}")
-        stored[name] = where
-    if unknown:
-        raise ValueError(
-            f"{folder} holds tensors that are not GPT-NeoX weights: {', '.join(sorted(unknown))}"
-        )
-    return stored
 
 
 # Writing ----------------------------------------------------------------------------------
 
 
-def to_hf(model: RecurrentLM, path: str | os.PathLike) -> Path:
-    """Writes a dense single-pass ``neox`` model as a Hugging Face GPT-NeoX folder.
+def to_hf(
+    model: RecurrentLM,
+    path: str | os.PathLike,
+    *,
+    remote_code: bool | None = None,
+    allow_other_files: bool = False,
+) -> Path:
+    """Writes ``model`` as a Hugging Face folder that transformers loads with the same logits.
 
-    ``GPTNeoXForCausalLM.from_pretrained(path)`` then computes the same logits. The
-    folder holds ``config.json`` (both the 4.x and 5.x rotary keys) and ``model.safetensors``
-    in the model's dtype, written atomically.
+    A one-pass model that transformers expresses natively stays plain: a ``neox`` model
+    becomes a ``GPTNeoXForCausalLM`` folder, a ``llama`` model (``rotary_fraction=1``) a
+    ``LlamaForCausalLM`` one. Any other model (ponder or loop recurrence, a halting
+    policy, a cache strategy other than ``recompute``, scaled embeddings, ...) gets remote
+    code: ``config.json`` with an ``auto_map``, ``configuration_ponder_zoo.py`` and
+    ``modeling_ponder_zoo.py``, which rebuild it with the installed ponder-zoo library, and
+    a ``README.md`` model card that says so, with the ponder-zoo version. Load it with
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``, or back in this
+    library with :func:`from_hf`.
+
+    Weights are ``model.safetensors`` in the model's dtype; the folder is written
+    atomically.
 
     Args:
-        model: a model with ``block="neox"``, ``recurrence="none"``, ``passes=1``,
-            ``halting="none"``, ``embed_scale=1``, ``initial_embed_mult=1``, biases, and as
-            many key/value heads as query heads.
+        model: any zoo model whose parts ponder-zoo registers itself.
         path: the output folder.
+        remote_code: ``None`` (default) writes remote code only when needed; ``False``
+            refuses a model that needs it; ``True`` writes remote code even for a plain model.
+        allow_other_files: write beside files this export does not write (a
+            ``tokenizer.json``, a ``generation_config.json``); they are kept. Without it such
+            a folder is refused, listed.
 
     Raises:
-        ValueError: the model cannot be expressed as GPT-NeoX (the message says why).
+        ValueError: not a zoo model; ``remote_code=False`` and the model is not plain
+            GPT-NeoX or Llama (the message says why); a part registered by a plugin module,
+            which the folder's code could not rebuild; the folder holds files this write may
+            not replace or write beside (:func:`zoo.checkpoint.write_folder`), such as a
+            ``README.md`` that is not a ponder-zoo model card.
+
+    Example:
+        >>> import json, pathlib, tempfile, zoo
+        >>> folder = zoo.to_hf(zoo.build("adaponder-pythia-tiny"), tempfile.mkdtemp() + "/ada")
+        >>> json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        'modeling_ponder_zoo.PonderZooForCausalLM'
     """
     if not isinstance(model, RecurrentLM):
         raise ValueError(f"zoo.to_hf expects a zoo RecurrentLM, got {type(model).__name__}")
     config = model.config
-    reasons = []
-    if config.block != "neox":
-        reasons.append(f"block={config.block!r} (GPT-NeoX is the 'neox' block)")
-    if config.recurrence != "none" or config.passes != 1:
-        reasons.append(
-            f"recurrence={config.recurrence!r} with passes={config.passes} (GPT-NeoX runs its stack once)"
+    native = _PLAIN.get(config.block)
+    name = native.NAME if native else "GPT-NeoX or Llama"
+    reasons = native.refusals(config) if native else [f"block={config.block!r} (no transformers counterpart)"]
+    if remote_code is False and reasons:
+        raise ValueError(
+            f"this model cannot be expressed as {name}: " + "; ".join(reasons)
+            + ". Leave remote_code unset to write it with remote code"
         )
-    if config.halting != "none":
-        reasons.append(f"halting={config.halting!r} (GPT-NeoX has no halting policy or gate parameters)")
-    if config.embed_scale != 1.0 or config.initial_embed_mult != 1.0:
-        reasons.append(
-            f"embed_scale={config.embed_scale} and initial_embed_mult={config.initial_embed_mult} "
-            f"(GPT-NeoX does not scale its input embeddings; both must be 1)"
-        )
-    if not config.bias:
-        reasons.append("bias=False (GPT-NeoX linears carry biases)")
-    if config.kv_heads != config.num_heads:
-        reasons.append(
-            f"num_kv_heads={config.kv_heads} != num_heads={config.num_heads} (GPT-NeoX has no GQA)"
-        )
+    if remote_code:
+        reasons = reasons or ["remote_code=True was asked for"]
     if reasons:
-        raise ValueError("this model cannot be expressed as GPT-NeoX: " + "; ".join(reasons))
+        remote.check_built_in(config)
 
-    tensors = {zoo_to_hf_name(n): t.detach().to("cpu").contiguous() for n, t in model_tensors(model).items()}
+    tensors = {n: t.detach().to("cpu") for n, t in model_tensors(model).items()}
     dtype = model.embed.weight.dtype
-    with atomic_write(path, directory=True) as tmp:
-        save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_hf_config(config, dtype), indent=2) + "\n")
+    if reasons:
+        why = f"It is not a {name} model"
+        texts, tensors = remote.files(model, tensors, Path(path).name, why, reasons)
+        owns = lambda folder: is_hf_checkpoint(folder) and remote.is_card(folder)  # noqa: E731
+    else:
+        tensors = native.hf_tensors(tensors, config)
+        texts = {"config.json": json.dumps(native.hf_config(config, dtype), indent=2) + "\n"}
+        owns = is_hf_checkpoint
+    tensors = {key: t.contiguous() for key, t in tensors.items()}
+    files = {name: (lambda f, text=text: f.write_text(text)) for name, text in texts.items()}
+    files[SAFETENSORS_FILE] = lambda f: save_file(tensors, f, metadata={"format": "pt"})
+    write_folder(
+        path,
+        files,
+        writer="zoo.to_hf",
+        owns=owns,
+        allow_other_files=allow_other_files,
+        conflicts=(SAFETENSORS_INDEX, "model-*-of-*.safetensors"),
+    )
     return Path(path)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from zoo.halting.base import HaltingPolicy, PassContext
+from zoo.halting.base import HaltingPolicy, PassContext, next_token_targets
 from zoo.layout import Grid
 from zoo.recurrence import finish_policy, step_policy
 
@@ -83,7 +83,8 @@ def run_policy(
     device = hidden[0].device if hidden else None
     mask = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask
     positions = torch.arange(T, device=mask.device).expand(B, T) if positions is None else positions
-    ctx = PassContext(positions, input_ids, step, P)
+    targets = None if input_ids is None else next_token_targets(input_ids)
+    ctx = PassContext(positions, input_ids, step, P, targets)
     dtype = hidden[0].dtype if hidden else torch.float32
     grid = Grid(0, T)
     state = {key: value.clone() for key, value in policy.init_state(mask).items()}
