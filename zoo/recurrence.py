@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from zoo.blocks.head import expected_embedding
-from zoo.caches.base import KVStore, KVView
+from torch.utils.checkpoint import checkpoint
+
+from zoo.caches.base import KVStore, KVView, PaddedView, padding_columns
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy, PassContext, next_token_targets
 from zoo.layout import Grid, Layout, select
@@ -53,6 +55,7 @@ __all__ = [
     "run_dense",
     "run_sparse",
     "stack_pass",
+    "checkpointed_stack_pass",
 ]
 
 
@@ -139,6 +142,11 @@ class ModelOutput:
         masks: (P, B, T) bool, ``masks[i]`` is True where the token ran pass ``i``.
         gates: (P - 1, B, T) the gate values ``s^i`` (1 for policies without a gate, and
             for tokens that did not run the pass).
+        loss: with ``labels``, the mean shifted next-token cross-entropy (the halting
+            policy's auxiliary loss stays in :attr:`aux_loss`); ``None`` otherwise.
+
+    Padding tokens (a left-padded batch's ``attention_mask`` zeros) run no pass: their
+    depth is 0, their logits are zeros, their masks False and their gates 1.
     """
 
     logits: Tensor
@@ -146,6 +154,7 @@ class ModelOutput:
     aux_loss: Tensor
     masks: Tensor
     gates: Tensor
+    loss: Tensor | None = None
 
 
 def stack_pass(
@@ -157,6 +166,21 @@ def stack_pass(
     """
     for layer, view in zip(model.layers, views):
         x, _ = layer(x, rope, view)
+    return x, model.final_norm(x)
+
+
+def checkpointed_stack_pass(
+    model: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], views: list[KVView | None]
+) -> tuple[Tensor, Tensor]:
+    """:func:`stack_pass` with activation checkpointing: each layer keeps only its input and
+    is run again in backward (``torch.utils.checkpoint``, non-reentrant).
+
+    Dense execution uses it in training when ``model.gradient_checkpointing`` is on; the
+    dense views read the keys of earlier passes when the pass starts, so a layer run again
+    computes what it computed the first time.
+    """
+    for layer, view in zip(model.layers, views):
+        x, _ = checkpoint(layer, x, rope, view, use_reentrant=False)
     return x, model.final_norm(x)
 
 
@@ -172,6 +196,7 @@ def run_passes(
     compute: Callable[..., tuple[Tensor, Tensor]] = stack_pass,
     bucket: int | None = None,
     last_only: bool = False,
+    padding: Tensor | None = None,
 ) -> ModelOutput:
     """Runs every pass over a chunk of tokens at positions ``[start, start + n)``.
 
@@ -193,6 +218,11 @@ def run_passes(
         bucket: slot-count rounding for compiled passes (see :func:`zoo.layout.select`).
         last_only: return logits for the chunk's last position only, (B, 1, V), as
             generation needs.
+        padding: (B, S) bool, True at the columns of left padding (``S`` covers the
+            columns of the padded prompt; later columns are not padding). Padding tokens
+            run no pass, no real token attends to them (every store's views are wrapped in
+            a :class:`~zoo.caches.base.PaddedView`), and a token's position is its column
+            minus its row's padding. ``None``: no padding, positions are the columns.
 
     Returns:
         the chunk's :class:`ModelOutput`.
@@ -202,6 +232,10 @@ def run_passes(
     policy, recurrence, cache = model.halting, model.recurrence, model.cache
     device = input_ids.device
     positions = torch.arange(start, start + n, device=device).expand(B, n)  # (B, n)
+    chunk_padding = None
+    if padding is not None:  # left padding: a real token's position counts real tokens only
+        chunk_padding = padding_columns(padding, start, start + n)  # (B, n)
+        positions = (positions - padding.sum(1, keepdim=True)).clamp(min=0)
     context_ids = None if sparse else input_ids  # ids aligned with the logits exist for the whole chunk only
     targets = next_token_targets(input_ids)  # per token, so they follow the layout
 
@@ -209,6 +243,8 @@ def run_passes(
     live = torch.ones(B, n, dtype=torch.bool, device=device)
     if alive is not None:
         live = live & alive[:, None]
+    if chunk_padding is not None:
+        live = live & ~chunk_padding
     mask = live  # m^0
     # Cloned: a selection commits into the state in place.
     state = {key: value.clone() for key, value in policy.init_state(mask).items()}
@@ -237,7 +273,10 @@ def run_passes(
         ran = None if cache.freezes and not part.computes_all else active
         pos = part.gather(positions)
         x_i = part.gather(x)
-        h_i, hidden_i = compute(model, x_i, model.rotary(pos), store.views(i, part, active))
+        views = store.views(i, part, active)
+        if padding is not None:
+            views = _padded(views, store, part, padding, chunk_padding)
+        h_i, hidden_i = compute(model, x_i, model.rotary(pos), views)
         # A freezing cache keeps a halted token's state of its last pass; recompute takes the new one.
         hidden = part.commit(hidden, hidden_i, ran if cache.freezes else None)
         if i == P - 1:
@@ -283,6 +322,8 @@ def run_passes(
         logits = model.head(hidden[:, first:])
     elif logits is None:  # no row ran at all
         logits = x.new_zeros(B, n - first, model.config.vocab_size)
+    if chunk_padding is not None:
+        logits = logits.masked_fill(chunk_padding[:, first:, None], 0.0)
     return ModelOutput(logits, mask_stack.sum(0), aux, mask_stack, gate_stack)
 
 
@@ -364,28 +405,56 @@ def finish_policy(
     return weight, aux
 
 
-def run_dense(model: nn.Module, input_ids: Tensor, step: Tensor | None = None) -> ModelOutput:
+def run_dense(
+    model: nn.Module, input_ids: Tensor, step: Tensor | None = None, padding: Tensor | None = None
+) -> ModelOutput:
     """Dense execution of ``input_ids`` (B, T): every token runs every pass, halting by ``where``.
 
     Static shapes and no host synchronisation, so it compiles with ``fullgraph=True``
-    (the function :func:`zoo.compile` compiles). ``model`` is a :class:`~zoo.model.RecurrentLM`.
+    (the function :func:`zoo.compile` compiles). ``model`` is a :class:`~zoo.model.RecurrentLM`;
+    ``padding`` (B, T) bool marks left padding (see :func:`run_passes`). In training with
+    ``model.gradient_checkpointing`` on, the layers are checkpointed
+    (:func:`checkpointed_stack_pass`).
     """
     B, T = input_ids.shape
     store = model.cache.store("dense", model.config, B, T, model.embed.weight)
-    return run_passes(model, input_ids, store, step=step)
+    compute = stack_pass
+    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+        compute = checkpointed_stack_pass
+    return run_passes(model, input_ids, store, step=step, compute=compute, padding=padding)
 
 
-def run_sparse(model: nn.Module, input_ids: Tensor, step: Tensor | None = None) -> ModelOutput:
+def run_sparse(
+    model: nn.Module, input_ids: Tensor, step: Tensor | None = None, padding: Tensor | None = None
+) -> ModelOutput:
     """Sparse execution of ``input_ids`` (B, T): each pass computes only the tokens that run it."""
     B, T = input_ids.shape
     store = model.cache.store("sparse", model.config, B, T, model.embed.weight)
     return run_passes(
-        model, input_ids, store, step=step, sparse=True, compute=model.pass_fn, bucket=model.slot_bucket
+        model,
+        input_ids,
+        store,
+        step=step,
+        sparse=True,
+        compute=model.pass_fn,
+        bucket=model.slot_bucket,
+        padding=padding,
     )
 
 
 def _delta(recurrence: Recurrence, embed_weight: Tensor, x: Tensor, h: Tensor, logits: Tensor | None) -> Tensor:
     return recurrence.delta(x, h, logits, embed_weight)
+
+
+def _padded(
+    views: list[KVView | None], store: KVStore, part: Layout, padding: Tensor, chunk_padding: Tensor
+) -> list[KVView | None]:
+    """The pass's views wrapped so that no real token attends to a padding token."""
+    keys = store.key_padding(part, padding)
+    if keys is None:  # the store's keys are never padding
+        return views
+    queries = part.gather(chunk_padding)  # (B', N)
+    return [PaddedView(view, keys, queries) for view in views]
 
 
 def _gather_state(part, state: dict[str, Tensor]) -> dict[str, Tensor]:

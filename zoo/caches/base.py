@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 __all__ = [
     "KVView",
     "KVStore",
+    "PaddedView",
     "Fresh",
     "PerLayer",
     "CacheStrategy",
     "PassWork",
     "STORES",
     "causal_positions",
+    "padding_columns",
     "kv_bytes",
 ]
 
@@ -82,9 +84,64 @@ class KVStore(ABC):
     def skip(self, index: int, start: int, end: int) -> None:
         """Pass ``index`` runs no token of the chunk at columns ``[start, end)``."""
 
+    def key_padding(self, part: Layout, padding: Tensor) -> Tensor | None:
+        """Which keys of the views of a pass over ``part`` are padding tokens (left-padded batches).
+
+        Args:
+            part: the tokens the pass computes.
+            padding: (B, S) bool, True at the columns of padding tokens; ``S`` covers at
+                least the columns up to ``part.end`` (later columns are not padding).
+
+        Returns:
+            (B', K) bool on ``part``'s rows, True where key ``k`` is a padding token, for
+            the ``K`` keys (or more: the views slice) a view may return; ``None`` when no key
+            a view returns can be padding. The default: the keys are the layout's own
+            tokens, key ``k`` the layout's slot ``k`` (dense stores, and stores that keep
+            nothing).
+        """
+        return part.gather(padding_columns(padding, part.start, part.end))
+
     def nbytes(self) -> int:
         """Bytes of key/value storage the store holds now."""
         return 0
+
+
+class PaddedView(KVView):
+    """Wraps a view (or plain causal attention) so that no real token attends to a padding token.
+
+    Padding keys are masked out of every query of a real token and zeroed (a buffer's
+    padding columns may hold anything, and a masked score must stay finite). A padding
+    token's query may attend to any key its view allows, so no row of the mask is empty;
+    its results are discarded.
+
+    Args:
+        inner: the strategy's view, or ``None`` for plain causal attention.
+        key_padding: (B', K) bool, True at padding keys (:meth:`KVStore.key_padding`);
+            sliced to the keys the view returns.
+        query_padding: (B', N) bool, True at the layout's padding tokens.
+    """
+
+    def __init__(self, inner: KVView | None, key_padding: Tensor, query_padding: Tensor) -> None:
+        self.inner = inner
+        self.projects_kv = True if inner is None else inner.projects_kv
+        self.key_padding = key_padding
+        self.query_padding = query_padding
+
+    def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        if self.inner is None:
+            mask, causal = None, True
+        else:
+            k, v, mask, causal = self.inner.update(k, v)
+        S, N = k.shape[2], self.query_padding.shape[1]
+        pad = self.key_padding[:, :S]  # (B', S)
+        k = k.masked_fill(pad[:, None, :, None], 0.0)  # (B', H_kv, S, D)
+        v = v.masked_fill(pad[:, None, :, None], 0.0)
+        allowed = ~pad[:, None, None, :] | self.query_padding[:, None, :, None]  # (B', 1, N, S)
+        if mask is not None:
+            allowed = allowed & mask
+        elif causal:  # SDPA's is_causal: query i sees keys 0..i
+            allowed = allowed & torch.ones(N, S, dtype=torch.bool, device=k.device).tril()
+        return k, v, allowed, False
 
 
 class Fresh(KVStore):
@@ -178,6 +235,14 @@ class CacheStrategy(ABC):
         """
         runs = depth > index
         return PassWork(int(runs.sum()), int(runs.sum()), int((runs * causal_positions(depth)).sum()))
+
+
+def padding_columns(padding: Tensor, start: int, end: int) -> Tensor:
+    """``padding`` (B, S) at columns ``[start, end)``; columns at or past ``S`` are not padding."""
+    have = padding[:, start:end]
+    if have.shape[1] == end - start:
+        return have
+    return torch.nn.functional.pad(have, (0, end - start - have.shape[1]), value=False)
 
 
 def causal_positions(depth: Tensor) -> Tensor:

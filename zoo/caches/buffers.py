@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.caches.base import KV, KVStore, KVView, _rounded
+from zoo.caches.base import KV, KVStore, KVView, _rounded, padding_columns
 from zoo.config import ModelConfig
 from zoo.layout import Selection
 
-__all__ = ["BufferView", "LayerBuffers", "PassBuffers"]
+__all__ = ["BufferView", "LayerBuffers", "PassBuffers", "column_padding"]
 
 
 class BufferView(KVView):
@@ -148,6 +148,9 @@ class LayerBuffers(KVStore):
         columns = part.columns()
         return [BufferView(kv, part, columns, kv_len, writes, part.start) for kv in self.layers]
 
+    def key_padding(self, part: Selection, padding: Tensor) -> Tensor:
+        return column_padding(padding, part, self.layers[0][0].shape[2])
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
 
@@ -193,5 +196,13 @@ class PassBuffers(KVStore):
                 k[:, :, start:end].copy_(k_prev[:, :, start:end])
                 v[:, :, start:end].copy_(v_prev[:, :, start:end])
 
+    def key_padding(self, part: Selection, padding: Tensor) -> Tensor:
+        return column_padding(padding, part, self.length)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layers in self.passes for kv in layers for t in kv)
+
+
+def column_padding(padding: Tensor, part: Selection, length: int) -> Tensor:
+    """(B', length) the padding flags of a buffer's columns, for the rows of ``part``."""
+    return padding_columns(padding, 0, length)[part.rows]

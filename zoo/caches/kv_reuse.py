@@ -68,9 +68,12 @@ class CarriedKV(KVView):
         self.store = store
         self.layer = layer
         self.keep = active[:, None, :, None]  # (B, 1, T, 1)
+        # Read when the pass starts, so that running the pass again (activation
+        # checkpointing recomputes it in backward) merges with the same keys.
+        self.previous = store.kv[layer]
 
     def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-        previous = self.store.kv[self.layer]
+        previous = self.previous
         if previous is not None:
             k, v = torch.where(self.keep, k, previous[0]), torch.where(self.keep, v, previous[1])
         self.store.kv[self.layer] = (k, v)

@@ -80,10 +80,13 @@ class SharedKV(KVView):
         self.store = store
         self.layer = layer
         self.projects_kv = first
+        # Read when the pass starts (pass 0 has run), so that a pass run again (activation
+        # checkpointing recomputes it in backward) reads the same keys.
+        self.first_kv = None if first else store.kv[layer]
 
     def update(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
         if self.projects_kv:
             self.store.kv[self.layer] = (k, v)
             return k, v, None, True
-        k, v = self.store.kv[self.layer]
+        k, v = self.first_kv
         return k, v, None, True

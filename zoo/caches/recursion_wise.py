@@ -134,5 +134,9 @@ class PackedBuffers(KVStore):
         self.filled[index, part.rows] = filled + counts
         return [BufferView(kv, part, columns, kv_len, True, slice_start) for kv in self.passes[index]]
 
+    def key_padding(self, part: Selection, padding: Tensor) -> None:
+        """Padding tokens run no pass, so they are never among a pass's packed keys."""
+        return None
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layers in self.passes if layers for kv in layers for t in kv)
