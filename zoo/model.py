@@ -6,7 +6,7 @@ hands them in. The pass loop lives in :mod:`zoo.recurrence`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,18 +148,50 @@ class RecurrentLM(nn.Module):
             out.loss = causal_lm_loss(out.logits, labels, padding)
         return out
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **options):
-        """Incremental decoding that reproduces the full forward; see :func:`zoo.decode.generate`
-        for the options (``attention_mask``, sampling, ``eos_token_id``, ``stop_strings``,
-        ``streamer``, ``output_logits``...).
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        stop_strings: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        pad_token_id: int | None = None,
+        streamer: Callable[[Tensor, Tensor], Any] | None = None,
+        output_logits: bool = True,
+    ):
+        """Incremental decoding that reproduces the full forward; see :func:`zoo.decode.generate`.
 
         Returns:
             a :class:`~zoo.decode.GenerationOutput` with ``tokens`` (B, T + M), ``logits``
-            (B, M, V) (or ``None``), ``depth`` (B, M), ``stopped`` and ``lengths`` (B,).
+            (B, M, V) (``None`` with ``output_logits=False``), ``depth`` (B, M), and
+            ``stopped`` and ``lengths`` (B,).
         """
         from zoo.decode import generate
 
-        return generate(self, input_ids, max_new_tokens, **options)
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            seed,
+            progress,
+            attention_mask=attention_mask,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+            pad_token_id=pad_token_id,
+            streamer=streamer,
+            output_logits=output_logits,
+        )
 
     # Activation checkpointing ----------------------------------------------------------------
 

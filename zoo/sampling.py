@@ -8,7 +8,8 @@ refuses combinations that would be silently ignored or would fail halfway:
 * a temperature that is negative, NaN or infinite; any positive temperature works, however
   small (the logits are shifted by their maximum before the division, so a temperature of
   ``1e-30`` gives the greedy token instead of overflowing into NaN);
-* an ``eos_token_id`` that is a float, a bool, or outside the vocabulary;
+* an ``eos_token_id`` (or one of a list of them) that is a float, a bool, or outside the
+  vocabulary;
 * a seed that is not an integer in ``[0, 2**64)``.
 
 Integer arguments may be Python or NumPy integers (``numpy.int64(3)`` is taken as ``3``);
@@ -25,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Sampling", "check_sampling", "sample_next"]
+__all__ = ["Sampling", "check_sampling", "check_token_id", "sample_next"]
 
 
 class Sampling(NamedTuple):
@@ -35,14 +36,14 @@ class Sampling(NamedTuple):
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_k: sample among the ``top_k`` most likely tokens (``None``: all).
         top_p: nucleus mass (``None``: off).
-        eos_token_id: the id that ends a row (``None``: none).
+        eos_token_id: the id that ends a row, a tuple of such ids (from a list), or ``None``.
         seed: the sampler's seed (``None``: torch's global generator).
     """
 
     temperature: float
     top_k: int | None
     top_p: float | None
-    eos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None
     seed: int | None
 
 
@@ -58,7 +59,7 @@ def check_sampling(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | tuple[int, ...] | None = None,
     seed: int | None = None,
     vocab_size: int | None = None,
 ) -> Sampling:
@@ -68,7 +69,8 @@ def check_sampling(
         temperature: 0 (greedy) or a positive finite number.
         top_k: ``None`` or a positive integer; needs ``temperature > 0``.
         top_p: ``None`` or a number in ``(0, 1]``; needs ``temperature > 0``.
-        eos_token_id: ``None`` or an integer id in ``[0, vocab_size)``.
+        eos_token_id: ``None``, an integer id in ``[0, vocab_size)``, or a non-empty list
+            (or tuple) of them (returned as a tuple).
         seed: ``None`` or an integer in ``[0, 2**64)``.
         vocab_size: the model's vocabulary, to check ``eos_token_id`` against.
 
@@ -102,23 +104,38 @@ def check_sampling(
                     f"most likely token); set a temperature > 0 to sample, e.g. temperature=1.0, or "
                     f"drop {name}"
                 )
-    if eos_token_id is not None:
-        if not _integer(eos_token_id):
-            raise ValueError(
-                f"eos_token_id must be an integer token id or None, got {eos_token_id!r} "
-                f"({type(eos_token_id).__name__}); pass int(...) of the tokenizer's end-of-text id"
-            )
-        if vocab_size is not None and not 0 <= eos_token_id < vocab_size:
-            raise ValueError(f"eos_token_id {eos_token_id} is outside [0, vocab_size={vocab_size})")
+    if isinstance(eos_token_id, (list, tuple)):
+        if not eos_token_id:
+            raise ValueError("eos_token_id is an empty list; give at least one id, or None")
+        eos_token_id = tuple(check_token_id("eos_token_id", value, vocab_size) for value in eos_token_id)
+    elif eos_token_id is not None:
+        eos_token_id = check_token_id("eos_token_id", eos_token_id, vocab_size)
     if seed is not None and (not _integer(seed) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
     return Sampling(
         temperature,
         None if top_k is None else int(top_k),
         None if top_p is None else float(top_p),
-        None if eos_token_id is None else int(eos_token_id),
+        eos_token_id,
         None if seed is None else int(seed),
     )
+
+
+def check_token_id(name: str, value: object, vocab_size: int | None) -> int:
+    """``value`` as a Python int, checked to be a token id in ``[0, vocab_size)``.
+
+    Raises:
+        ValueError: not an integer (bools and floats included), or outside the vocabulary;
+            the message names the argument ``name``.
+    """
+    if not _integer(value):
+        raise ValueError(
+            f"{name} must be an integer token id or None, got {value!r} "
+            f"({type(value).__name__}); pass int(...) of the tokenizer's id"
+        )
+    if vocab_size is not None and not 0 <= value < vocab_size:
+        raise ValueError(f"{name} {value} is outside [0, vocab_size={vocab_size})")
+    return int(value)
 
 
 def sample_next(
