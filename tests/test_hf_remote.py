@@ -128,13 +128,26 @@ def test_remote_code_on_request_for_a_plain_model(tmp_path, randomize, modules_c
         torch.testing.assert_close(auto_model(folder)(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_padding_is_refused_by_the_remote_model(tmp_path, modules_cache):
-    hf = auto_model(zoo.to_hf(zoo.build("adaponder-pythia-tiny"), tmp_path / "ada"))
-    ids = ids_for(512, T=6, B=2)
+def test_a_padded_batch_through_auto_model_is_the_zoo_model_with_the_mask(tmp_path, randomize, modules_cache):
+    model = randomize(zoo.build("adaponder-pythia-tiny"), seed=3).eval()
+    hf = auto_model(zoo.to_hf(model, tmp_path / "ada"))
+    ids = ids_for(512, T=8, B=3)
     mask = torch.ones_like(ids)
-    hf(ids, attention_mask=mask)  # all ones: fine
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="padded batches"):
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    with torch.no_grad():
+        out = hf(ids, attention_mask=mask, labels=ids)
+        reference = model(ids, attention_mask=mask, labels=ids)
+        alone = model(ids[:1, 3:])
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=1e-5)
+    assert torch.equal(out.depth, reference.depth) and bool((out.depth[mask == 0] == 0).all())
+    torch.testing.assert_close(out.loss, reference.loss)
+    torch.testing.assert_close(out.logits[0, 3:], alone.logits[0], rtol=0, atol=1e-5)
+    # transformers' generate with left padding: each row as the zoo model generates it.
+    tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(tokens, model.generate(ids, 3, attention_mask=mask).tokens)
+    mask[1, -1] = 0
+    with pytest.raises(ValueError, match="right"):
         hf(ids, attention_mask=mask)
 
 

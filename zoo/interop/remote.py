@@ -12,7 +12,8 @@ scaled embeddings, ...) is written as::
 so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` computes
 the zoo model's logits, and :func:`zoo.from_hf` reads it back. The code in the folder
 imports the installed ponder-zoo library and uses only its public contract
-(``zoo.ModelConfig.from_dict``, ``zoo.build_model``, ``model(input_ids).logits``), so it
+(``zoo.ModelConfig.from_dict``, ``zoo.build_model``, ``model(input_ids, attention_mask=...,
+labels=...)``), so it
 can rebuild only parts that ponder-zoo itself registers.
 """
 

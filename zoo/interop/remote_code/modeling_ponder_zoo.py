@@ -32,8 +32,10 @@ class PonderZooCausalLMOutput(CausalLMOutputWithPast):
 class PonderZooForCausalLM(PreTrainedModel, GenerationMixin):
     """A ponder-zoo model behind the transformers causal-LM interface.
 
-    ``forward(input_ids, labels=None)`` returns the zoo model's logits (and ``depth``);
-    ``labels`` give the usual shifted cross-entropy loss (-100 ignored). There is no
+    ``forward(input_ids, attention_mask=None, labels=None)`` returns the zoo model's logits
+    (and ``depth``); a left-padded ``attention_mask`` gives every row what it gets alone
+    (padding: depth 0, logits zeros); ``labels`` give the usual shifted cross-entropy loss
+    (-100 ignored, and targets predicted from padding). There is no
     key/value cache here: ``generate`` recomputes the prefix at every step. ponder-zoo's
     own ``model.generate`` decodes incrementally with the same results.
     """
@@ -64,12 +66,7 @@ class PonderZooForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if input_ids is None:
             raise ValueError("ponder-zoo models take input_ids (inputs_embeds is not supported)")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "this ponder-zoo model does not take padded batches: every attention_mask entry must be 1"
-            )
-        out = self.model(input_ids)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(out.logits, labels, vocab_size=self.config.vocab_size)
-        return PonderZooCausalLMOutput(loss=loss, logits=out.logits, depth=out.depth)
+        # Left padding as transformers' tokenizers give it (padding_side="left"): every row
+        # gets what it gets alone; right padding is refused with the fix.
+        out = self.model(input_ids, attention_mask=attention_mask, labels=labels)
+        return PonderZooCausalLMOutput(loss=out.loss, logits=out.logits, depth=out.depth)
