@@ -31,7 +31,9 @@ def ragged(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         ("kv_reuse", "fixed_prune", "llama"),
     ],
 )
-def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone(cache, halting, block, plain_halting_settings):
+def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone(
+    cache, halting, block, plain_halting_settings
+):
     model = tiny_model(halting, plain_halting_settings[halting], cache=cache, block=block, sharpen=1.0).eval()
     ids, mask = ragged(model.config.vocab_size)
     T = ids.shape[1]
@@ -43,7 +45,8 @@ def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone(cache, hal
         assert torch.equal(gen.depth[b], alone.depth[0])
     assert bool((gen.depth < model.config.passes).any()), "no token halted"
     # Decoding reproduces the padded full forward.
-    full = model(gen.tokens, attention_mask=torch.cat([mask, torch.ones(len(LENGTHS), NEW, dtype=torch.long)], 1))
+    whole = torch.cat([mask, torch.ones(len(LENGTHS), NEW, dtype=torch.long)], 1)
+    full = model(gen.tokens, attention_mask=whole)
     torch.testing.assert_close(gen.logits, full.logits[:, T - 1 : -1], rtol=0, atol=1e-5)
     assert torch.equal(gen.depth, full.depth[:, T - 1 : -1])
 
@@ -100,7 +103,9 @@ def test_stop_strings_stop_a_row_once_its_text_holds_one():
         def decode(self, tokens):
             return decode(tokens)
 
-    again = model.generate(ids, NEW, attention_mask=mask, stop_strings=[stop], tokenizer=Tokenizer(), pad_token_id=0)
+    again = model.generate(
+        ids, NEW, attention_mask=mask, stop_strings=[stop], tokenizer=Tokenizer(), pad_token_id=0
+    )
     assert torch.equal(again.tokens, gen.tokens)
 
 

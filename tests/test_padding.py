@@ -99,7 +99,10 @@ def test_labels_give_the_shifted_cross_entropy_with_minus_100_ignored():
     torch.testing.assert_close(out.loss, expected)
     # Row by row, the padded batch's loss is the rows' own (the same targets, the same logits).
     T = ids.shape[1]
-    alone = [model(ids[b : b + 1, T - n :], labels=labels[b : b + 1, T - n :], execution="dense") for b, n in enumerate(LENGTHS)]
+    alone = [
+        model(ids[b : b + 1, T - n :], labels=labels[b : b + 1, T - n :], execution="dense")
+        for b, n in enumerate(LENGTHS)
+    ]
     counts = [int((labels[b, T - n + 1 :] != -100).sum()) for b, n in enumerate(LENGTHS)]
     pooled = sum(a.loss * c for a, c in zip(alone, counts)) / sum(counts)
     torch.testing.assert_close(out.loss, pooled, rtol=1e-5, atol=1e-6)

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from zoo.recurrence import run_passes
-from zoo.sampling import check_token_id, check_sampling, sample_next  # sample_next is re-exported here
+from zoo.sampling import check_sampling, check_token_id, sample_next  # sample_next is re-exported here
 
 __all__ = ["GenerationOutput", "generate", "sample_next"]
 
@@ -143,7 +143,9 @@ def generate(
             "no eos_token_id; pass pad_token_id=..., e.g. the tokenizer's end-of-text id"
         )
     if streamer is not None and not callable(streamer):
-        raise ValueError(f"streamer must be a callable streamer(tokens, active), got {type(streamer).__name__}")
+        raise ValueError(
+            f"streamer must be a callable streamer(tokens, active), got {type(streamer).__name__}"
+        )
     if not isinstance(output_logits, bool):
         raise ValueError(f"output_logits must be True or False, got {output_logits!r}")
     B, T = input_ids.shape
@@ -161,7 +163,9 @@ def generate(
     try:
         device = input_ids.device
         store = model.cache.store("decode", cfg, B, T + max_new_tokens, model.embed.weight)
-        run = dict(sparse=True, compute=model.pass_fn, bucket=model.slot_bucket, last_only=True, padding=padding)
+        run = dict(
+            sparse=True, compute=model.pass_fn, bucket=model.slot_bucket, last_only=True, padding=padding
+        )
         tokens = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], dim=1)
         logits_out = None
         if output_logits:
@@ -210,7 +214,9 @@ def _check_stop_strings(
     """(decode function, stop strings) checked; ``(None, ())`` without stop strings."""
     if stop_strings is None:
         if tokenizer is not None:
-            raise ValueError("tokenizer is only used to find stop_strings; pass stop_strings=[...] or drop it")
+            raise ValueError(
+                "tokenizer is only used to find stop_strings; pass stop_strings=[...] or drop it"
+            )
         return None, ()
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
@@ -224,7 +230,9 @@ def _check_stop_strings(
         )
     decode = getattr(tokenizer, "decode", tokenizer)
     if not callable(decode):
-        raise ValueError(f"tokenizer must have a decode(ids) method or be a function, got {type(tokenizer).__name__}")
+        raise ValueError(
+            f"tokenizer must have a decode(ids) method or be a function, got {type(tokenizer).__name__}"
+        )
     return decode, strings
 
 

@@ -17,7 +17,8 @@ inputs, masks) back into (B, n) tensors. Two layouts serve every execution:
 
 Besides the slots a layout carries the *columns* of its tokens, where they sit in a
 key/value buffer, and their *positions*, what rotary embeddings and policies read; here
-both are ``start + t`` for the chunk's token ``t``.
+both are ``start + t`` for the chunk's token ``t``, except that in a left-padded batch a
+position counts the row's real tokens only (``start + t`` less the row's padding).
 """
 
 from __future__ import annotations

@@ -261,12 +261,16 @@ class RecurrentLM(nn.Module):
             )
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}; "
+                f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                f"input_ids {tuple(input_ids.shape)}; "
                 f"give one 0/1 entry per token"
             )
         if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise ValueError(f"attention_mask must be bool or integer, got dtype {attention_mask.dtype}; use .long()")
-        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(
+                f"attention_mask must be bool or integer, got dtype {attention_mask.dtype}; use .long()"
+            )
+        binary = (attention_mask == 0) | (attention_mask == 1)
+        if attention_mask.dtype != torch.bool and not bool(binary.all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
         real = attention_mask.bool()
         if bool(real.all()):

@@ -32,10 +32,9 @@ from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
-
-from zoo.blocks.head import expected_embedding
 from torch.utils.checkpoint import checkpoint
 
+from zoo.blocks.head import expected_embedding
 from zoo.caches.base import KVStore, KVView, PaddedView, padding_columns
 from zoo.config import ModelConfig
 from zoo.halting.base import HaltingPolicy, PassContext, next_token_targets
