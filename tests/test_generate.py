@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_padding import left_padded
 from zoo.testing import tiny_model
 
 LENGTHS = (7, 3, 10)
@@ -13,12 +14,7 @@ NEW = 6
 
 
 def ragged(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(LENGTHS)
-    ids = torch.randint(0, vocab, (len(LENGTHS), T), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(len(LENGTHS), T, dtype=torch.long)
-    for b, n in enumerate(LENGTHS):
-        mask[b, T - n :] = 1
-    return ids, mask
+    return left_padded(vocab, LENGTHS, seed)
 
 
 @pytest.mark.parametrize(
