@@ -115,7 +115,9 @@ def test_plain_override_values_are_accepted_and_a_bad_one_names_the_key(tmp_path
     )
     config = pretrain.model_config(args, pretrain.SETTINGS["tiny"])
     assert (config.halting, config.dim) == ("act", 32)
-    bad = ponder_zoo("train", "--steps", "2", "--out", str(tmp_path / "bad"), "--override", "dimm=3", check=False)
+    bad = ponder_zoo(
+        "train", "--steps", "2", "--out", str(tmp_path / "bad"), "--override", "dimm=3", check=False
+    )
     assert bad.returncode != 0 and "dimm" in bad.stderr and not (tmp_path / "bad").exists()
 
 
@@ -168,3 +170,21 @@ def test_console_script_is_installed():
 
     (script,) = entry_points(group="console_scripts", name="ponder-zoo")
     assert script.value == "zoo.cli:main" and script.load() is zoo.cli.main
+
+
+def test_evaluation_generation_and_conversion_open_models_without_the_trainer(tmp_path):
+    script = f"""
+import sys
+import zoo, zoo.analysis, zoo.iso_flops, zoo.lm_eval_adapter
+from zoo.recipes import convert, evaluate, generate
+model = zoo.build_model(zoo.preset("ponder-pythia-tiny", dim=32, num_layers=1, num_heads=2))
+zoo.save(model, r"{tmp_path / 'ckpt'}")
+assert generate.main(["--model", r"{tmp_path / 'ckpt'}", "--tokenizer", "byte", "--max-new-tokens", "3"]) == 0
+assert evaluate.main(["--model", r"{tmp_path / 'ckpt'}", "--tokenizer", "byte", "--max-windows", "1",
+                      "--seq-len", "16", "--no-full-depth", "--out", r"{tmp_path / 'eval'}"]) == 0
+assert convert.main([r"{tmp_path / 'ckpt'}", r"{tmp_path / 'hf'}"]) == 0
+print(sorted(name for name in sys.modules if name.startswith("zoo.train")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -433,7 +433,7 @@ def test_the_micro_batch_follows_from_the_batch_and_the_processes():
         per_process_micro_batch(16, 2, 3)
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_anything_is_written(corpus, tmp_path):
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writing(corpus, tmp_path):
     ctx = Distributed(rank=0, world_size=3)  # the arithmetic is checked before any collective
     with pytest.raises(ValueError, match="batch_size 4 does not split over 3 processes"):
         train(tiny(), corpus[0], config(micro_batch_size=None), tmp_path / "run", ctx=ctx)
@@ -449,9 +449,9 @@ def test_gate_schedule_and_two_stages():
 
 
 def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(corpus, tmp_path):
-    runs = {
-        p: train(tiny(), corpus[0], config(steps=3, precision=p), tmp_path / p).losses for p in ("fp32", "bf16")
-    }
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = train(tiny(), corpus[0], config(steps=3, precision=precision), tmp_path / precision).losses
     assert all(math.isfinite(x) for x in runs["bf16"])
     assert runs["bf16"] != runs["fp32"]  # autocast did run: bf16 rounding moves the loss
     np.testing.assert_allclose(runs["bf16"], runs["fp32"], rtol=0.02)
@@ -460,7 +460,7 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(corpus, tmp_path):
 def test_activation_checkpointing_calls_the_model_and_trains_the_same(corpus, tmp_path):
     model = tiny()
     if not hasattr(model, "gradient_checkpointing_enable"):
-        pytest.skip("RecurrentLM.gradient_checkpointing_enable is added with the engine's activation checkpointing")
+        pytest.skip("this RecurrentLM has no gradient_checkpointing_enable: nothing for the option to call")
     plain = train(tiny(), corpus[0], config(steps=3), tmp_path / "plain").losses
     saved = train(model, corpus[0], config(steps=3, activation_checkpointing=True), tmp_path / "ckpt").losses
     np.testing.assert_allclose(saved, plain, rtol=1e-5)

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         summary = (module.__doc__ or name).strip().split("\n")[0]
-        sub = commands.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter)
+        sub = commands.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=HelpFormatter
+        )
         module.build_parser(sub)
         sub.set_defaults(run=module.run)
     return parser

@@ -34,6 +34,7 @@ __all__ = [
     "add_resume_options",
     "allowed_changes",
     "add_trainer_options",
+    "add_data_options",
     "trainer_options",
     "attribute_help",
     "add_plugin_option",
@@ -143,7 +144,8 @@ def add_settings(
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             metavar = {int: "N", float: "X", str: "TEXT"}[kind]
-            parser.add_argument(flag, type=_parser(kind, optional), default=default, metavar=metavar, help=text)
+            kind_parser = _parser(kind, optional)
+            parser.add_argument(flag, type=kind_parser, default=default, metavar=metavar, help=text)
         added.append(f.name)
     return added
 
@@ -213,6 +215,25 @@ def allowed_changes(args: argparse.Namespace) -> list[str]:
     return [key for key in args.allow_change.split(",") if key]
 
 
+def add_data_options(parser: argparse.ArgumentParser, tokenizer_default: str) -> None:
+    """``--data``, ``--val-data``, ``--tokenizer`` and ``--bin-dtype``, as the training recipes take them.
+
+    Args:
+        parser: the parser to add to.
+        tokenizer_default: what the recipe uses without ``--tokenizer``, for the help.
+    """
+    parser.add_argument(
+        "--data", default="embedded", help="'embedded', a pre-tokenized .bin, or text/jsonl files"
+    )
+    parser.add_argument("--val-data", default=None, help="validation source; default: held out from --data")
+    parser.add_argument(
+        "--tokenizer", default=None, help=f"'byte' or a tokenizer.json path; default: {tokenizer_default}"
+    )
+    parser.add_argument(
+        "--bin-dtype", default=None, help="token dtype of .bin files; default: from the .idx, else uint16"
+    )
+
+
 def add_trainer_options(parser: argparse.ArgumentParser) -> None:
     """How a training recipe runs: device, compile, FSDP, precision, checkpointing, logging, progress.
 
@@ -224,8 +245,12 @@ def add_trainer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--compile", action="store_true", help=helps["compile"])
     parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help=helps["fsdp"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help=helps["precision"])
-    parser.add_argument("--activation-checkpointing", action="store_true", help=helps["activation_checkpointing"])
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help=helps["precision"]
+    )
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help=helps["activation_checkpointing"]
+    )
     parser.add_argument("--tensorboard", action="store_true", help=helps["tensorboard"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -36,6 +36,7 @@ from zoo.checkpoint import atomic_write, latest_checkpoint, load_trained
 from zoo.data import load_corpus, resolve_tokenizer
 from zoo.recipes.common import (
     HelpFormatter,
+    add_data_options,
     add_override_option,
     add_plugin_option,
     add_resume_options,
@@ -88,7 +89,7 @@ class Setting:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo continue`` and ``recipes/continue.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo continue`` and ``recipes/continue.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--hf", required=True, help="a local Hugging Face GPT-NeoX folder (config.json + *.safetensors)"
@@ -100,16 +101,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--steps", type=int, required=True, help="stage 2 steps: every parameter")
     add_resume_options(p, "whichever stage of --out was interrupted")
     p.add_argument("--seed", type=int, default=0, help="seeds the gates' initialisation and the data order")
-    p.add_argument("--data", default="embedded", help="'embedded', a pre-tokenized .bin, or text/jsonl files")
-    p.add_argument("--val-data", default=None, help="validation source; default: held out from --data")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="'byte' or a tokenizer.json; default: the folder's tokenizer.json (required without one)",
-    )
-    p.add_argument(
-        "--bin-dtype", default=None, help="token dtype of .bin files; default from the .idx or uint16"
-    )
+    add_data_options(p, "the folder's tokenizer.json (required without one)")
     add_settings(p.add_argument_group("hyperparameters"), Setting())
     add_override_option(p, "embed_scale=45.25 for a PonderLM start")
     p.add_argument(

@@ -75,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
         out = save(model, args.out)
         beside = Path(args.source) / "tokenizer.json"
         tokenizer = str(beside) if beside.is_file() else None
-    if tokenizer and Path(tokenizer).is_file() and Path(tokenizer).resolve() != (Path(out) / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer, Path(out) / "tokenizer.json")
+    beside_out = Path(out) / "tokenizer.json"
+    if tokenizer and Path(tokenizer).is_file() and Path(tokenizer).resolve() != beside_out.resolve():
+        shutil.copyfile(tokenizer, beside_out)
     cfg = model.config
+    kind = "Hugging Face" if to == "hf" else "zoo.save"
     print(
-        f"wrote {out} ({'Hugging Face' if to == 'hf' else 'zoo.save'} folder): {cfg.block} x {cfg.num_layers} "
-        f"layers, {cfg.recurrence} x {cfg.passes} passes, halting {cfg.halting}, {model.num_parameters():,} parameters"
+        f"wrote {out} ({kind} folder): {cfg.block} x {cfg.num_layers} layers, {cfg.recurrence} x "
+        f"{cfg.passes} passes, halting {cfg.halting}, {model.num_parameters():,} parameters"
     )
     return 0
 

@@ -74,7 +74,7 @@ class DemoConfig:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo demo`` and ``recipes/demo.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo demo`` and ``recipes/demo.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_settings(p, DemoConfig())
     add_settings(p, IsoSettings(), only=("batch_size", "seq_len", "eval_windows"))

@@ -58,7 +58,7 @@ class EvalSettings:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo evaluate`` and ``recipes/evaluate.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo evaluate`` and ``recipes/evaluate.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--model", required=True, help="run folder, checkpoint, zoo.save folder or Hugging Face folder"

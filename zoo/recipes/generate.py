@@ -48,14 +48,16 @@ class Sampling:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo generate`` and ``recipes/generate.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo generate`` and ``recipes/generate.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--model", required=True, help="run folder, checkpoint, zoo.save folder or Hugging Face folder"
     )
     p.add_argument("--prompt", default="The ", help="the text to continue")
     add_settings(p, Sampling())
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling; default: none)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the sampler (reproducible sampling; default: none)"
+    )
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-text token")
     p.add_argument(
         "--tokenizer",

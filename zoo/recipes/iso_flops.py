@@ -54,7 +54,7 @@ from zoo.registry import import_plugins
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo iso-flops`` and ``recipes/iso_flops.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo iso-flops`` and ``recipes/iso_flops.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder of the runs, the tables and the figures")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1, each with every variant")

@@ -43,6 +43,7 @@ from zoo.data import load_corpus, resolve_tokenizer
 from zoo.iso_flops import IsoSettings
 from zoo.recipes.common import (
     HelpFormatter,
+    add_data_options,
     add_override_option,
     add_plugin_option,
     add_resume_options,
@@ -114,7 +115,7 @@ SETTINGS = {
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The command line (``ponder-zoo train`` and ``recipes/pretrain.py``); ``--help`` lists every option."""
+    """The options of ``ponder-zoo train`` and ``recipes/pretrain.py``, with their defaults."""
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="adaponder-pythia-tiny", help="a preset; its size picks the setting")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (the schedule's length)")
@@ -122,14 +123,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_resume_options(p)
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the data order")
-    p.add_argument("--data", default="embedded", help="'embedded', a pre-tokenized .bin, or text/jsonl files")
-    p.add_argument("--val-data", default=None, help="validation source; default: held out from --data")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="'byte' or a tokenizer.json path; default 'byte' for text data, required for a .bin",
-    )
-    p.add_argument("--bin-dtype", default=None, help=".bin token dtype (default: from the .idx, else uint16)")
+    add_data_options(p, "'byte' for text data, required for a .bin")
     add_settings(p.add_argument_group("hyperparameters"), Setting, unset="the model size's setting")
     add_override_option(p)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at end)")

@@ -52,11 +52,11 @@ from __future__ import annotations
 # Opening a trained model needs no trainer: these live with the checkpoints.
 from zoo.checkpoint import CHECKPOINTS, RUN_INFO, checkpoint_problem, latest_checkpoint, load_trained
 from zoo.train.config import NonFiniteLossError, TrainConfig, TrainResult
-from zoo.train.optim import gate_schedule, lm_loss, lr_at, make_optimizer, two_stage
 from zoo.train.distributed import Distributed, init_distributed, per_process_micro_batch
-from zoo.train.runs import run_configuration, seed_everything, write_run_info
-from zoo.train.metrics import METRICS, read_metrics
 from zoo.train.loop import train, validation_loss
+from zoo.train.metrics import METRICS, read_metrics
+from zoo.train.optim import gate_schedule, lm_loss, lr_at, make_optimizer, two_stage
+from zoo.train.runs import run_configuration, seed_everything, write_run_info
 
 __all__ = [
     "TrainConfig",

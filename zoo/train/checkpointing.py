@@ -20,9 +20,9 @@ from zoo.checkpoint import CHECKPOINTS, _read_json, atomic_write, load, material
 from zoo.data import BatchSampler
 from zoo.model import RecurrentLM
 from zoo.train.config import TrainConfig
-from zoo.train.distributed import _barrier, Distributed
+from zoo.train.distributed import Distributed, _barrier
 
-__all__ = []
+__all__: list[str] = []  # the trainer's own; train() uses them
 
 
 def _state_options():

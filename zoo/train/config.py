@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from zoo.config import _is_int, _is_real
-from zoo.data import eval_windows
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError"]
 

@@ -23,11 +23,11 @@ from zoo.model import RecurrentLM
 from zoo.train.checkpointing import _load_checkpoint, _save_checkpoint
 from zoo.train.config import NonFiniteLossError, TrainConfig, TrainResult
 from zoo.train.distributed import (
+    Distributed,
     _any_rank,
     _barrier,
     _micro_rows,
     _wrap,
-    Distributed,
     init_distributed,
     per_process_micro_batch,
 )

@@ -1,4 +1,4 @@
-"""Optimizer and schedules: AdamW groups, the cosine learning rate, the gates' two-stage schedule, the loss."""
+"""Optimizer and schedules: AdamW groups, the cosine learning rate, the gates' stages, the loss."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from zoo.config import ModelConfig
 from zoo.data import TokenStream
 from zoo.model import RecurrentLM
 from zoo.train.config import TrainConfig
-from zoo.train.distributed import _any_rank, Distributed
+from zoo.train.distributed import Distributed, _any_rank
 
 __all__ = ["run_configuration", "write_run_info", "seed_everything"]
 
