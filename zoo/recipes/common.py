@@ -15,11 +15,14 @@ setting is declared, documented and defaulted once::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
+import os
 import re
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from zoo.config import parse_overrides
@@ -35,6 +38,8 @@ __all__ = [
     "allowed_changes",
     "add_trainer_options",
     "add_data_options",
+    "training_processes",
+    "final_evaluation",
     "trainer_options",
     "attribute_help",
     "add_plugin_option",
@@ -253,6 +258,58 @@ def add_trainer_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensorboard", action="store_true", help=helps["tensorboard"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def training_processes(device: str) -> Iterator[Any]:
+    """This process's place in a training run; the process group is left at the end, whatever happened.
+
+    Yields the :class:`zoo.train.Distributed` of :func:`zoo.train.init_distributed`
+    (``torchrun``'s process group joined, if any).
+    """
+    import torch.distributed as dist
+
+    from zoo.train import init_distributed
+
+    try:
+        yield init_distributed(device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def final_evaluation(
+    run_folder: str | os.PathLike,
+    val: Any,
+    seq_len: int,
+    windows: int,
+    name: str,
+    out_file: str | os.PathLike,
+    device: Any = None,
+) -> dict[str, Any]:
+    """Evaluates a run's final checkpoint on ``val``, prints the report and writes it to ``out_file``.
+
+    Args:
+        run_folder: the run folder whose latest checkpoint is evaluated.
+        val: the validation stream.
+        seq_len: tokens per window.
+        windows: validation windows.
+        name: the model's name in the report.
+        out_file: the JSON file to write (atomically).
+        device: where to evaluate.
+
+    Returns:
+        the report as a dict (:meth:`zoo.analysis.EvalReport.to_dict`).
+    """
+    from zoo.analysis import evaluate, format_report
+    from zoo.checkpoint import atomic_write, load_trained
+
+    model, _ = load_trained(run_folder, device=device)
+    report = evaluate(model, val, seq_len, max_windows=windows)
+    print(format_report(name, report))
+    with atomic_write(out_file) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    return report.to_dict()
 
 
 def trainer_options(args: argparse.Namespace) -> dict[str, Any]:

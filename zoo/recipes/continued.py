@@ -28,11 +28,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 import zoo
-from zoo.analysis import evaluate, format_report
-from zoo.checkpoint import atomic_write, latest_checkpoint, load_trained
+from zoo.checkpoint import latest_checkpoint, load_trained
 from zoo.data import load_corpus, resolve_tokenizer
 from zoo.recipes.common import (
     HelpFormatter,
@@ -43,16 +40,17 @@ from zoo.recipes.common import (
     add_settings,
     add_trainer_options,
     allowed_changes,
+    final_evaluation,
     overrides_from,
     settings_from,
     trainer_options,
+    training_processes,
 )
 from zoo.registry import import_plugins
 from zoo.train import (
     NonFiniteLossError,
     TrainConfig,
     gate_schedule,
-    init_distributed,
     per_process_micro_batch,
     seed_everything,
     train,
@@ -198,8 +196,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs both stages with parsed options and evaluates; returns the exit status."""
     import_plugins(args.plugin)  # parts defined outside the library register now
     setting = settings_from(args, Setting())
-    ctx = init_distributed(args.device)
-    try:
+    with training_processes(args.device) as ctx:
         model = start_model(args, setting)
         beside = Path(args.hf) / "tokenizer.json"
         named = str(beside) if beside.is_file() else None
@@ -228,15 +225,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         if ctx.is_main:
-            final, _ = load_trained(Path(args.out) / "stage2", device=ctx.device)
-            report = evaluate(final, val, setting.seq_len, max_windows=args.eval_windows)
-            print(format_report("continued", report))
-            with atomic_write(Path(args.out) / "eval.json") as tmp:
-                tmp.write_text(json.dumps(report.to_dict(), indent=2))
+            out = Path(args.out)
+            final = out / "stage2"
+            final_evaluation(final, val, setting.seq_len, args.eval_windows, "continued", out / "eval.json")
         return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

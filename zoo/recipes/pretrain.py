@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import zoo
-from zoo.analysis import evaluate, format_report
-from zoo.checkpoint import atomic_write, load_trained
 from zoo.data import load_corpus, resolve_tokenizer
 from zoo.iso_flops import IsoSettings
 from zoo.recipes.common import (
@@ -50,16 +46,17 @@ from zoo.recipes.common import (
     add_settings,
     add_trainer_options,
     allowed_changes,
+    final_evaluation,
     overrides_from,
     settings_from,
     trainer_options,
+    training_processes,
 )
 from zoo.registry import import_plugins
 from zoo.train import (
     NonFiniteLossError,
     TrainConfig,
     gate_schedule,
-    init_distributed,
     per_process_micro_batch,
     seed_everything,
     train,
@@ -192,16 +189,6 @@ def train_config(args: argparse.Namespace, setting: Setting, world_size: int) ->
 # Evaluate ------------------------------------------------------------------------------------
 
 
-def final_evaluation(args: argparse.Namespace, cfg: TrainConfig, val, device) -> dict:
-    """Evaluates the final checkpoint on the validation stream; prints and writes ``eval.json``."""
-    model, _ = load_trained(args.out, device=device)
-    report = evaluate(model, val, cfg.seq_len, max_windows=args.eval_windows)
-    print(format_report(args.model, report))
-    with atomic_write(Path(args.out) / "eval.json") as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    return report.to_dict()
-
-
 def training_tokenizer(args: argparse.Namespace, vocab_size: int):
     """``--tokenizer``; for text data ``byte`` by default, for pre-tokenized ``.bin`` data required
     (its ids come from some tokenizer the run must record, or evaluation would guess)."""
@@ -230,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
     setting = settings_from(args, SETTINGS[size_of(args.model)], unset=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = init_distributed(args.device)
-    try:
+    with training_processes(args.device) as ctx:
         config = model_config(args, setting)
         tokenizer = training_tokenizer(args, config.vocab_size)
         train_data, val_data = load_corpus(args.data, tokenizer, val_data=args.val_data, dtype=args.bin_dtype)
@@ -272,11 +258,10 @@ def run(args: argparse.Namespace) -> int:
         if result.stopped == "sigterm":
             return 143
         if ctx.is_main and result.stopped is None:
-            final_evaluation(args, cfg, val_data, ctx.device)
+            out = Path(args.out)
+            windows = args.eval_windows
+            final_evaluation(out, val_data, cfg.seq_len, windows, args.model, out / "eval.json", ctx.device)
         return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
