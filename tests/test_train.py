@@ -490,3 +490,9 @@ def test_a_missing_tensorboard_is_named(corpus, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs the tensorboard package"):
         train(tiny(), corpus[0], config(steps=2, tensorboard=True), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_progress_bar_shows_tokens_per_second_and_the_mean_depth(corpus, tmp_path, capsys):
+    train(tiny(), corpus[0], config(steps=2, progress=True), tmp_path / "run")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # its last render
+    assert "2/2" in bar and "depth=" in bar and "tok_s=" in bar and "loss=" in bar, bar
