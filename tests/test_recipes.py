@@ -7,7 +7,7 @@ use subprocesses.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -34,14 +34,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def recipe(name: str):
-    """Imports ``recipes/<name>.py`` as a module (``continue`` is a keyword, so not by import)."""
-    key = f"recipe_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """The recipe ``recipes/<name>.py`` runs: its module in :mod:`zoo.recipes`."""
+    return importlib.import_module(f"zoo.recipes.{'continued' if name == 'continue' else name}")
 
 
 def losses(folder) -> list[float]:
@@ -110,10 +104,11 @@ def test_pretrain_trains_and_writes_its_files(pretrained):
     assert np.mean(losses(pretrained)[-3:]) < np.mean(losses(pretrained)[:3]) - 1.0
     assert latest_checkpoint(pretrained).name == "step-000016"
     info = json.loads((pretrained / "run.json").read_text())
-    assert info["tokenizer"] == "byte" and info["setting"]["lr"] == 3e-3 and info["train"]["lr"] == 1e-2
-    # AdaPonder two-stage schedule: 30% of the steps cross-entropy only, then the bottom-k loss.
-    assert info["model_config"]["halting_kwargs"] == {"warmup_steps": 4, "ramp_steps": 4}
-    assert all(r["aux_loss"] == 0 for r in rows[:4]) and all(r["aux_loss"] > 0 for r in rows[5:])
+    # The recorded setting is the one trained with: the size's, with the command line's --lr.
+    assert info["tokenizer"] == "byte" and info["setting"]["lr"] == 1e-2 and info["train"]["lr"] == 1e-2
+    # AdaPonder two-stage schedule: 30% of the steps (round(4.8)) cross-entropy only, then the bottom-k loss.
+    assert info["model_config"]["halting_kwargs"] == {"warmup_steps": 5, "ramp_steps": 5}
+    assert all(r["aux_loss"] == 0 for r in rows[:5]) and all(r["aux_loss"] > 0 for r in rows[6:])
     # eval.json is the perplexity of the final checkpoint over the first validation windows.
     report = json.loads((pretrained / "eval.json").read_text())
     model, _ = load_trained(pretrained)
@@ -132,11 +127,16 @@ def test_pretrain_settings_follow_the_references():
     for size in ("70m", "160m", "410m"):
         assert s[size].seq_len == 2048 and s[size].warmup == 0.01
         assert 2.0e6 < s[size].batch_size * s[size].seq_len < 2.2e6  # about 2M tokens per step
-    cfg = pretrain.train_config(
-        pretrain.parse_args(["--model", "adaponder-pythia-70m", "--steps", "1000", "--out", "x"]), s["70m"]
-    )
+    args = pretrain.build_parser().parse_args(["--model", "adaponder-pythia-70m", "--steps", "1000", "--out", "x"])
+    cfg = pretrain.train_config(args, s["70m"], world_size=1)
     assert (cfg.min_lr_ratio, cfg.betas, cfg.warmup_steps) == (0.1, (0.9, 0.95), 10)
     assert cfg.batch_size // cfg.micro_batch_size == 64  # accumulation makes up the global batch
+    # Under torchrun the micro-batch follows from the world size: 8 processes x 16 x 8 micro-steps.
+    assert pretrain.train_config(args, s["70m"], world_size=8).micro_batch_size == 16
+    tiny = pretrain.build_parser().parse_args(["--steps", "10", "--out", "x"])
+    assert [pretrain.train_config(tiny, s["tiny"], n).micro_batch_size for n in (1, 2, 4, 16)] == [16, 8, 4, 1]
+    with pytest.raises(ValueError, match="batch_size 16 does not split over 3 processes"):
+        pretrain.train_config(tiny, s["tiny"], world_size=3)
     with pytest.raises(ValueError, match="settings for sizes"):
         pretrain.size_of("adaponder-pythia-14m")
 
@@ -154,15 +154,15 @@ def test_pretrain_stop_and_resume_equals_a_straight_run(tmp_path):
 
 
 def test_pretrain_non_finite_loss_exits_with_the_step(tmp_path, monkeypatch, capsys):
-    import zoo.train
+    import zoo.train.loop
 
-    real, calls = zoo.train.lm_loss, {"n": 0}
+    real, calls = zoo.train.loop.lm_loss, {"n": 0}
 
     def failing(logits, targets):  # the loss of step 5's first micro-batch turns NaN
         calls["n"] += 1
         return real(logits, targets) * (float("nan") if calls["n"] == 9 else 1.0)
 
-    monkeypatch.setattr(zoo.train, "lm_loss", failing)
+    monkeypatch.setattr(zoo.train.loop, "lm_loss", failing)
     out = tmp_path / "run"
     code = recipe("pretrain").main(["--steps", "8", "--checkpoint-every", "2", "--out", str(out), *SMALL])
     assert code == 1
@@ -178,14 +178,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
         "4",
         "--batch-size",
         "8",
-        "--micro-batch-size",
-        "2",
         "--seq-len",
         "32",
         "--no-progress",
         "--eval-windows",
         "2",
     ]
+    # No --micro-batch-size: each process's follows from the batch and the world size (8, then 4).
     assert recipe("pretrain").main([*args, "--out", str(tmp_path / "one")]) == 0
     command = [
         sys.executable,
@@ -201,7 +200,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     ]
     code, err = run_to_end(command, timeout=300)
     assert code == 0, err[-3000:]
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["train"]["micro_batch_size"] == 4
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-4)
     assert len(losses(tmp_path / "two")) == 4
 

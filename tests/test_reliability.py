@@ -65,9 +65,9 @@ def test_a_refused_pretrain_leaves_the_finished_run_as_it_was(tmp_path):
 
 
 def test_pretrain_resumes_after_a_divergence_with_a_lower_learning_rate(tmp_path, monkeypatch, capsys):
-    import zoo.train
+    import zoo.train.loop
 
-    real, calls = zoo.train.lm_loss, {"n": 0}
+    real, calls = zoo.train.loop.lm_loss, {"n": 0}
 
     def failing(logits, targets):  # step 5 diverges
         calls["n"] += 1
@@ -75,11 +75,11 @@ def test_pretrain_resumes_after_a_divergence_with_a_lower_learning_rate(tmp_path
 
     out = tmp_path / "run"
     common = ["--steps", "8", "--checkpoint-every", "2", "--out", str(out), "--eval-windows", "1", *SMALL]
-    monkeypatch.setattr(zoo.train, "lm_loss", failing)
+    monkeypatch.setattr(zoo.train.loop, "lm_loss", failing)
     assert recipe("pretrain").main(common) == 1
     advice = capsys.readouterr().err
     assert "loss is nan at step 5" in advice and "--resume --lr NEW --allow-change lr" in advice
-    monkeypatch.setattr(zoo.train, "lm_loss", real)
+    monkeypatch.setattr(zoo.train.loop, "lm_loss", real)
     with pytest.raises(ValueError, match=r"in lr \(lr: 0.003 -> 0.001\).*--allow-change lr"):
         recipe("pretrain").main([*common, "--resume", "--lr", "1e-3"])
     assert recipe("pretrain").main([*common, "--resume", "--lr", "1e-3", "--allow-change", "lr"]) == 0

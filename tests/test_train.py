@@ -20,13 +20,17 @@ from test_checkpoint import snapshot
 from zoo.checkpoint import FolderBusyError, folder_lock, load
 from zoo.data import ByteTokenizer, TokenStream, load_corpus
 from zoo.train import (
+    Distributed,
     NonFiniteLossError,
     TrainConfig,
+    gate_schedule,
     latest_checkpoint,
     lr_at,
     make_optimizer,
+    per_process_micro_batch,
     read_metrics,
     train,
+    two_stage,
 )
 
 GATES = {"warmup_steps": 3, "ramp_steps": 3}
@@ -413,3 +417,82 @@ def test_train_config_is_strict(field, value):
     with pytest.raises(ValueError) as err:
         TrainConfig(steps=4, **{field: value})
     assert f"TrainConfig.{field}" in str(err.value) and repr(value) in str(err.value)
+
+
+# Many processes, precision, memory, logging ---------------------------------------------------
+
+
+def test_the_micro_batch_follows_from_the_batch_and_the_processes():
+    assert [per_process_micro_batch(16, n) for n in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    assert per_process_micro_batch(1024, 8, limit=16) == 16  # 128 rows per process, 8 micro-steps
+    assert per_process_micro_batch(24, 2, limit=5) == 4  # the largest divisor of 12 within the bound
+    assert per_process_micro_batch(16, 2, 4) == 4  # given: kept
+    with pytest.raises(ValueError, match="batch_size 16 does not split over 3 processes"):
+        per_process_micro_batch(16, 3)
+    with pytest.raises(ValueError, match=r"multiple of processes x micro_batch_size = 2 x 3"):
+        per_process_micro_batch(16, 2, 3)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writing(corpus, tmp_path):
+    ctx = Distributed(rank=0, world_size=3)  # the arithmetic is checked before any collective
+    with pytest.raises(ValueError, match="batch_size 4 does not split over 3 processes"):
+        train(tiny(), corpus[0], config(micro_batch_size=None), tmp_path / "run", ctx=ctx)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gate_schedule_and_two_stages():
+    assert gate_schedule(16, 0.3, 0.3) == {"warmup_steps": 5, "ramp_steps": 5}
+    assert two_stage(1, 7) == {"train_only": ("halting.",), "step_offset": 0}
+    assert two_stage(2, 7) == {"train_only": (), "step_offset": 7}
+    with pytest.raises(ValueError, match="stage must be 1"):
+        two_stage(3, 7)
+
+
+def test_bf16_autocast_on_the_cpu_trains_close_to_fp32(corpus, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = train(tiny(), corpus[0], config(steps=3, precision=precision), tmp_path / precision).losses
+    assert all(math.isfinite(x) for x in runs["bf16"])
+    assert runs["bf16"] != runs["fp32"]  # autocast did run: bf16 rounding moves the loss
+    np.testing.assert_allclose(runs["bf16"], runs["fp32"], rtol=0.02)
+
+
+def test_activation_checkpointing_calls_the_model_and_trains_the_same(corpus, tmp_path):
+    model = tiny()
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        pytest.skip("this RecurrentLM has no gradient_checkpointing_enable: nothing for the option to call")
+    plain = train(tiny(), corpus[0], config(steps=3), tmp_path / "plain").losses
+    saved = train(model, corpus[0], config(steps=3, activation_checkpointing=True), tmp_path / "ckpt").losses
+    np.testing.assert_allclose(saved, plain, rtol=1e-5)
+
+
+def test_tensorboard_logs_every_row_or_names_the_missing_package(corpus, tmp_path, monkeypatch):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the tensorboard package.*pip install tensorboard"):
+            train(tiny(), corpus[0], config(steps=2, tensorboard=True), tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before anything is written
+        return
+    train(tiny(), corpus[0], config(steps=2, tensorboard=True), tmp_path / "run")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(tmp_path / "run")])
+
+
+def test_a_missing_tensorboard_is_named(corpus, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        train(tiny(), corpus[0], config(steps=2, tensorboard=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_progress_bar_shows_tokens_per_second_and_the_mean_depth(corpus, tmp_path, capsys):
+    train(tiny(), corpus[0], config(steps=2, progress=True), tmp_path / "run")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # its last render
+    assert "2/2" in bar and "depth=" in bar and "tok_s=" in bar and "loss=" in bar, bar

@@ -33,7 +33,9 @@ import contextlib
 import errno
 import fnmatch
 import json
+import math
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -41,6 +43,7 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,12 +75,17 @@ __all__ = [
     "FORMAT_VERSION",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
+    "latest_checkpoint",
+    "checkpoint_problem",
+    "load_trained",
 ]
 
 FORMAT = "ponder-zoo"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+RUN_INFO = "run.json"
 
 # safetensors' dtype names -> torch dtypes (the ones a model's weights can have).
 _SAFETENSORS_DTYPES = {
@@ -786,3 +794,132 @@ def _existing_folder(path: str | os.PathLike) -> Path:
     if folder.exists():
         raise ValueError(f"{folder} is a file; a checkpoint is a folder")
     raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+
+
+# Trained runs: opening what the trainer wrote, without the trainer -------------------------
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``<out_dir>/checkpoints/latest`` points at, or ``None`` if there is none.
+
+    Raises:
+        ValueError: the pointer names a folder that does not exist; the message names the
+            newest intact earlier checkpoint, if any.
+    """
+    pointer = Path(out_dir) / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    folder = pointer.parent / name
+    if not (re.fullmatch(r"step-\d{6,}", name) and folder.is_dir()):
+        raise ValueError(
+            f"{pointer} names {name!r}, which is not a checkpoint folder; the run folder is damaged. "
+            + _fallback_advice(pointer.parent, None)
+        )
+    return folder
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What is wrong with the trainer checkpoint ``folder``, or ``None`` if every file reads.
+
+    Reads each file's header or JSON (not the tensor data): ``trainer.json``, the model
+    (``model/config.json`` and ``model/model.safetensors``), ``optimizer.safetensors``,
+    ``optimizer.json`` and ``rng.safetensors``. The answer names the damaged file.
+    """
+    folder = Path(folder)
+    try:
+        trainer = _read_json(folder / "trainer.json")
+        if not isinstance(trainer, dict) or not {"step", "data", "config"} <= set(trainer):
+            return f"{folder / 'trainer.json'} lacks step, data or config"
+        read_config(folder / "model")
+        _read_json(folder / "optimizer.json")
+        files = ("model/model.safetensors", "optimizer.safetensors", "rng.safetensors")
+        index_safetensors([folder / name for name in files])
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); it is truncated or corrupted") from None
+
+
+def _fallback_advice(checkpoints: Path, damaged: Path | None) -> str:
+    """Names the newest intact checkpoint older than ``damaged`` and how to resume from it."""
+    below = _step_number(damaged) if damaged is not None else math.inf
+    candidates = sorted(
+        (p for p in checkpoints.glob("step-*") if p.is_dir() and _step_number(p) < below),
+        key=_step_number,
+        reverse=True,
+    )
+    for earlier in candidates:
+        if checkpoint_problem(earlier) is None:
+            pointer = checkpoints / "latest"
+            return (
+                f"The earlier checkpoint {earlier} (step {_step_number(earlier)}) is intact: to resume "
+                f"from it, write its name into {pointer} (echo {earlier.name} > {pointer}) and resume again"
+            )
+    return "No earlier checkpoint is intact; start a new run in another folder"
+
+
+def _step_number(folder: Path) -> int:
+    match = re.fullmatch(r"step-(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def load_trained(
+    path: str | os.PathLike, *, device: torch.device | str | None = None
+) -> tuple[RecurrentLM, str | None]:
+    """Opens a model from any folder the recipes deal in, with the tokenizer it was trained with.
+
+    Args:
+        path: a training run folder (its latest checkpoint is opened), one checkpoint of it
+            (``.../checkpoints/step-N``), a :func:`zoo.save` folder, or a Hugging Face
+            GPT-NeoX folder (:func:`zoo.from_hf`).
+        device: where to put the model.
+
+    Returns:
+        (model, tokenizer): the tokenizer's name as :func:`zoo.data.load_tokenizer` takes it,
+        from the run's ``run.json`` or a ``tokenizer.json`` beside Hugging Face weights;
+        ``None`` if the folder does not say.
+
+    Raises:
+        ValueError: ``path`` is none of these.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"{folder} is not a folder; pass a run folder, a checkpoint folder or a Hugging Face folder"
+        )
+    tokenizer = None
+    for parent in [folder, *list(folder.parents)[:3]]:
+        if (parent / RUN_INFO).is_file():
+            info = _read_json(parent / RUN_INFO)
+            tokenizer = info.get("tokenizer") if isinstance(info, dict) else None
+            if tokenizer is not None and not isinstance(tokenizer, str):
+                raise ValueError(f"{parent / RUN_INFO}: tokenizer must be a name or path, got {tokenizer!r}")
+            break
+    latest = latest_checkpoint(folder) if (folder / CHECKPOINTS).is_dir() else None
+    if latest is not None:
+        folder = latest
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{folder} holds no config.json: it is not a run folder with checkpoints, a zoo.save "
+            f"checkpoint or a Hugging Face folder"
+        )
+    header = _read_json(config_file)
+    if isinstance(header, dict) and "model_type" in header:
+        from zoo.interop import from_hf
+
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = str(folder / "tokenizer.json")
+        return from_hf(folder, device=device), tokenizer
+    return load(folder, device=device), tokenizer

@@ -203,7 +203,7 @@ def resolve_tokenizer(
         requested: what the user passed (``--tokenizer``): a tokenizer, ``"byte"`` or a
             ``tokenizer.json`` path; ``None`` if nothing.
         named: what the model's folder names (``run.json``'s ``tokenizer`` entry or a
-            ``tokenizer.json`` beside the weights), as :func:`zoo.train.load_trained` returns it.
+            ``tokenizer.json`` beside the weights), as :func:`zoo.checkpoint.load_trained` returns it.
         vocab_size: the model's vocabulary; the tokenizer must not produce ids beyond it.
         source: the model's folder, for messages.
 

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from zoo import flops
 from zoo.analysis import evaluate_tokens, spearman
 from zoo.build import build_model
+from zoo.checkpoint import latest_checkpoint, load_trained
 from zoo.config import ModelConfig, preset
 from zoo.data import load_corpus, load_tokenizer
 from zoo.halting.fixed_prune import ratio_for_depth
@@ -166,9 +167,9 @@ def variant_config(variant: str, settings: IsoSettings, vocab_size: int, depth: 
         return preset("ponder-pythia-tiny", passes=FRONTIER[variant], **shape)
     if variant == "loop":
         return preset("loop-pythia-tiny", **shape)
-    stages = dict(
-        warmup_steps=round(settings.stage1 * settings.steps), ramp_steps=round(settings.ramp * settings.steps)
-    )
+    from zoo.train import gate_schedule  # the trainer's schedule, imported only to build a variant
+
+    stages = gate_schedule(settings.steps, settings.stage1, settings.ramp)
     if variant == "adaponder":
         return preset("adaponder-pythia-tiny", halting_kwargs={**settings.gate, **stages, **gate_overrides}, **shape)
     if depth is None:
@@ -217,7 +218,7 @@ def run_variant(
         plugins: modules to import first (parts registered outside the library).
         threads: torch CPU threads of this process.
     """
-    from zoo.train import TrainConfig, latest_checkpoint, load_trained, seed_everything, train
+    from zoo.train import TrainConfig, seed_everything, train
 
     import_plugins(plugins)  # each worker process registers the parts it builds
     torch.set_num_threads(threads)
@@ -326,8 +327,6 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def _final_step(folder: Path) -> int | None:
-    from zoo.train import latest_checkpoint
-
     checkpoint = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
     if checkpoint is None:
         return None

@@ -53,7 +53,7 @@ class PonderZooLM(TemplateLM):
 
     Args:
         model: a model object; or ``None`` with ``pretrained``.
-        pretrained: a path :func:`zoo.train.load_trained` opens (a run folder, a checkpoint,
+        pretrained: a path :func:`zoo.checkpoint.load_trained` opens (a run folder, a checkpoint,
             a ``zoo.save`` folder or a Hugging Face folder), used when ``model`` is ``None``.
         tokenizer: a :class:`~zoo.data.Tokenizer` or its name (``"byte"``, a ``tokenizer.json``
             path); ``None`` takes the one the run or folder names, and there is no default
@@ -101,7 +101,7 @@ class PonderZooLM(TemplateLM):
             raise ValueError("PonderZooLM needs a model object or pretrained=<path>, not both")
         named, source = None, "the model"
         if model is None:
-            from zoo.train import load_trained
+            from zoo.checkpoint import load_trained
 
             model, named = load_trained(pretrained)
             source = str(pretrained)
