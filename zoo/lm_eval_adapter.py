@@ -218,6 +218,8 @@ class PonderZooLM(TemplateLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if ``temperature > 0``) continuations cut at the first stop string.
 
+        Decoding itself stops at the first stop string or end-of-text token, and keeps no logits.
+
         Reads ``until`` (default: the end-of-text token's text), ``max_gen_toks`` (default
         256), ``temperature`` and ``do_sample`` from each request's generation arguments.
         """
@@ -231,11 +233,15 @@ class PonderZooLM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :] or [self.eot_token_id]
             max_new = min(max_new, self.max_length - len(ids))
+            stops = [stop for stop in until if stop]
             gen = self.model.generate(
                 torch.tensor([ids], device=self._device),
                 max_new_tokens=max_new,
                 temperature=temperature,
                 eos_token_id=self.eot_token_id,
+                stop_strings=stops or None,  # decoding ends at the first stop string
+                tokenizer=self.tok_decode if stops else None,
+                output_logits=False,
                 progress=False,
             )
             new = gen.tokens[0, len(ids) :].tolist()
