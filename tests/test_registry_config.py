@@ -24,7 +24,7 @@ PYTHIA_PARAMS = {
     "2.8b": 2_775_208_960,
 }
 
-# DESIGN.md section 3: these names are the public contract.
+# The config field values of the public contract (docs/api/config.md).
 CONTRACT = {
     "block": ["llama", "neox"],
     "recurrence": ["loop", "none", "ponder"],
