@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.halting.act import ACT
-from zoo.halting.base import PassContext
+from zoo.halting.base import PassContext, next_token_targets
 from zoo.halting.early_exit import EarlyExit, confidence
 from zoo.halting.fixed_prune import (
     expected_depth,
@@ -47,7 +47,8 @@ def ids(B: int = 2, T: int = 16, seed: int = 1) -> torch.Tensor:
 
 def ctx_for(B: int, T: int, step=None, input_ids=None, passes: int = 4) -> PassContext:
     positions = torch.arange(T).expand(B, T)
-    return PassContext(positions=positions, input_ids=input_ids, step=step, passes=passes)
+    targets = None if input_ids is None else next_token_targets(input_ids)
+    return PassContext(positions=positions, input_ids=input_ids, step=step, passes=passes, targets=targets)
 
 
 def config(passes: int = 4, dim: int = 8):
@@ -398,13 +399,20 @@ def test_early_exit_aux_cross_entropy_matches_reference():
         ]
         reference += sum(terms) / len(terms)
     assert total.item() == pytest.approx(0.4 * reference / (P - 1), rel=1e-5)
-    # without ids (sparse execution, decoding) there is no target and no term
+    # without targets there is no term
     d = policy.step(0, torch.zeros(B, T, 4), logits[0], mask, {}, ctx_for(B, T, passes=P))
     assert d.aux_loss is None
-    with pytest.raises(ValueError, match="aligned"):
-        policy.step(
-            0, torch.zeros(B, T, 4), logits[0], mask, {}, ctx_for(B, T, input_ids=input_ids[:, :3], passes=P)
-        )
+
+
+@pytest.mark.parametrize("cache", ["kv_reuse", "kv_share", "recursion_wise"])
+def test_early_exit_aux_loss_is_the_same_in_sparse_execution(tiny, cache):
+    model = tiny("early_exit", passes=3, cache=cache, measure="margin", threshold=0.001, aux_weight=0.5).eval()
+    x = ids(B=3, T=24)
+    with torch.no_grad():
+        dense, sparse = model(x, execution="dense"), model(x, execution="sparse")
+    assert dense.depth.min() < dense.depth.max() and torch.equal(dense.depth, sparse.depth)  # some exit
+    assert dense.aux_loss.item() > 0
+    torch.testing.assert_close(sparse.aux_loss, dense.aux_loss, atol=1e-6, rtol=1e-5)
 
 
 def test_early_exit_aux_loss_trains_intermediate_passes(tiny):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.config import ModelConfig
-from zoo.halting.base import HaltingPolicy, HaltStep, PassContext
+from zoo.halting.base import IGNORE, HaltingPolicy, HaltStep, PassContext
 from zoo.registry import HALTING
 
 __all__ = ["EarlyExit", "MEASURES", "confidence"]
@@ -35,15 +35,13 @@ class EarlyExit(HaltingPolicy):
     The decision reads only the token's own logits (causal, per token). It has no
     parameters and no gradient; to make intermediate passes worth exiting at, set
     ``aux_weight`` for CALM's per-pass training signal: the cross-entropy of each pondering
-    pass's logits against the next-token targets (``ctx.input_ids`` shifted by one; the
-    last position has no target), averaged over the tokens that ran the pass, then over
-    the ``P - 1`` pondering passes::
+    pass's logits against the next-token targets (``ctx.targets``: the next id of each
+    token, on the pass's layout; a chunk's last token has none), averaged over the tokens
+    that ran the pass, then over the ``P - 1`` pondering passes::
 
-        aux = aux_weight * mean_i CE(Z^i[:, :-1], ids[:, 1:] | tokens that ran pass i)
+        aux = aux_weight * mean_i CE(Z^i, targets | tokens that ran pass i and have a target)
 
-    It needs whole sequences (logits aligned with ``ctx.input_ids``), as dense execution
-    provides; drivers that run token subsets (sparse execution, decoding) pass
-    ``input_ids=None`` and the term is left out, which is fine since it only trains.
+    The targets follow the layout, so dense and sparse execution give the same term.
 
     Args:
         config: the model config.
@@ -53,8 +51,8 @@ class EarlyExit(HaltingPolicy):
         aux_weight: weight of the per-pass auxiliary cross-entropy (0 turns it off).
 
     Raises:
-        ValueError: unknown measure, a threshold outside the measure's range, a negative
-            ``aux_weight``, or ``input_ids`` not aligned with the logits.
+        ValueError: unknown measure, a threshold outside the measure's range, or a negative
+            ``aux_weight``.
 
     Example:
         >>> import zoo, torch
@@ -118,8 +116,8 @@ class EarlyExit(HaltingPolicy):
         score = confidence(logits.detach(), self.measure)  # (B, T)
         confident = score <= self.threshold if self.measure == "entropy" else score >= self.threshold
         aux = None
-        if self.aux_weight > 0 and ctx.input_ids is not None and logits.shape[1] > 1:
-            aux = self.aux_weight * _next_token_ce(logits, ctx.input_ids, mask) / max(self.passes - 1, 1)
+        if self.aux_weight > 0 and ctx.targets is not None:
+            aux = self.aux_weight * _next_token_ce(logits, ctx.targets, mask) / max(self.passes - 1, 1)
         return HaltStep(mask=~confident, aux_loss=aux)
 
 
@@ -144,16 +142,10 @@ def confidence(logits: Tensor, measure: str) -> Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; valid measures: {', '.join(MEASURES)}")
 
 
-def _next_token_ce(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over tokens in ``mask`` that have a target."""
-    B, T = logits.shape[:2]
-    if tuple(input_ids.shape) != (B, T):
-        raise ValueError(
-            f"early_exit's auxiliary loss needs ctx.input_ids aligned with the logits (B, T) = {(B, T)}, "
-            f"got {tuple(input_ids.shape)}; drivers that run token subsets must pass input_ids=None"
-        )
+def _next_token_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the tokens in ``mask`` that have a target."""
     ce = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
-    )  # (B * (T - 1),)
-    keep = mask[:, :-1].flatten().to(ce.dtype)
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )  # (B * T,)
+    keep = (mask & (targets != IGNORE)).flatten().to(ce.dtype)
     return (ce * keep).sum() / keep.sum().clamp(min=1.0)
