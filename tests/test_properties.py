@@ -192,13 +192,26 @@ class _Greedy(KVReuse):
         return 1
 
 
+class _ByColumn(HaltingPolicy):
+    """Halts by the token's column in the batch instead of its position: padding shifts it."""
+
+    def step(self, index, hidden, logits, mask, state, ctx):
+        return HaltStep(mask=torch.arange(hidden.shape[1]) % 2 == 0)
+
+
+def test_the_kit_catches_a_policy_that_left_padding_changes(registered):
+    REGISTRIES["halting"].add("broken", _ByColumn)
+    with pytest.raises(AssertionError, match="property 'left padding == alone' fails for halting 'broken'"):
+        check_policy("broken", caches=["recompute"], examples=10)  # dense only: padding is the first to break
+
+
 @pytest.mark.parametrize(
     "kind, part, prop",
     [
         ("halting", _TopHalf, "causal|decoding == full forward"),  # a row-wide decision breaks both
         ("halting", _BatchMean, "row-independent"),
         ("halting", _Coin, "deterministic"),
-        ("halting", _FirstHalf, "decoding == full forward|dense == sparse"),
+        ("halting", _FirstHalf, "decoding == full forward|dense == sparse|left padding == alone"),
         ("halting", _Infinite, "gradients finite"),
         ("cache", _NoCarry, "decoding == full forward"),
         ("cache", _Unmerged, "dense == sparse"),

@@ -32,6 +32,7 @@ PROPERTIES = (
     "causal",
     "row-independent",
     "dense == sparse",
+    "left padding == alone",
     "decoding == full forward",
     "gradients finite",
     "decode memory within decode_bytes",
@@ -292,6 +293,24 @@ def _properties(model: RecurrentLM, ids: torch.Tensor, case: str, memory: bool) 
         require(torch.equal(sparse.masks, out.masks), "dense == sparse", "sparse execution halts differently")
         require(_close(sparse.logits, out.logits), "dense == sparse", "sparse execution has other logits")
         require(_close(sparse.gates, out.gates), "dense == sparse", "sparse execution has other gates")
+
+    # Left padding: row b drops its first (b + 1) % 2 tokens and is padded on the left instead
+    # (the padded ids keep their values: the mask alone makes them padding). Each execution
+    # is held to the row alone in the same execution.
+    cuts = [(b + 1) % 2 for b in range(B)]  # a single row is padded too
+    attention_mask = torch.ones_like(ids)
+    for b, k in enumerate(cuts):
+        attention_mask[b, :k] = 0
+    for execution in ["dense", "sparse"] if model.cache.freezes else ["dense"]:
+        with torch.no_grad():
+            run = model(ids, attention_mask=attention_mask, execution=execution)
+            alone = [model(ids[b : b + 1, k:], execution=execution) for b, k in enumerate(cuts)]
+        for b, (k, row) in enumerate(zip(cuts, alone)):
+            where = f"row {b} after {k} padding token(s) ({execution} execution)"
+            same_depth = torch.equal(run.depth[b, k:], row.depth[0])
+            require(same_depth, "left padding == alone", f"{where} halts otherwise than alone")
+            same_logits = _close(run.logits[b, k:], row.logits[0])
+            require(same_logits, "left padding == alone", f"{where} has other logits than alone")
 
     prompt = max(1, T // 2)
     new = T - prompt + 1
