@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from zoo.config import ModelConfig
 
-__all__ = ["HaltingPolicy", "HaltStep", "PassContext", "IGNORE", "next_token_targets"]
+__all__ = ["HaltingPolicy", "HaltStep", "PassContext", "IGNORE", "next_token_targets", "token_nll"]
 
 IGNORE = -100  # a target that is not there (cross-entropy's ignore_index)
 
@@ -37,6 +37,15 @@ IGNORE = -100  # a target that is not there (cross-entropy's ignore_index)
 def next_token_targets(input_ids: Tensor) -> Tensor:
     """(B, T) the next token of each token of ``input_ids`` (B, T), :data:`IGNORE` for the last."""
     return torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORE)
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """(B, T) float32 cross-entropy of each token's logits (B, T, V) against its target (B, T);
+    0 where the target is :data:`IGNORE` (the per-token losses policies train or rank by)."""
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return nll.view(targets.shape)
 
 
 @dataclass

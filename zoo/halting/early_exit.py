@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.config import ModelConfig
-from zoo.halting.base import IGNORE, HaltingPolicy, HaltStep, PassContext
+from zoo.halting.base import IGNORE, HaltingPolicy, HaltStep, PassContext, token_nll
 from zoo.registry import HALTING
 
 __all__ = ["EarlyExit", "MEASURES", "confidence"]
@@ -144,8 +143,5 @@ def confidence(logits: Tensor, measure: str) -> Tensor:
 
 def _next_token_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the tokens in ``mask`` that have a target."""
-    ce = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
-    )  # (B * T,)
-    keep = (mask & (targets != IGNORE)).flatten().to(ce.dtype)
-    return (ce * keep).sum() / keep.sum().clamp(min=1.0)
+    keep = (mask & (targets != IGNORE)).to(torch.float32)
+    return (token_nll(logits, targets) * keep).sum() / keep.sum().clamp(min=1.0)

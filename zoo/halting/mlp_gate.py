@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.config import ModelConfig
-from zoo.halting.base import IGNORE, HaltingPolicy, HaltStep, PassContext
+from zoo.halting.base import IGNORE, HaltingPolicy, HaltStep, PassContext, token_nll
 from zoo.registry import HALTING
 
 __all__ = ["MLPGate", "bottom_k_mean", "hinge_loss", "PAPER", "LOSSES", "POOLS", "SELECTIONS"]
@@ -355,10 +355,7 @@ def _next_token_nll(logits: Tensor | None, ctx: PassContext) -> Tensor:
     if logits is None or ctx.targets is None:
         return torch.zeros(ctx.positions.shape, dtype=torch.float32, device=ctx.positions.device)
     with torch.no_grad():
-        nll = F.cross_entropy(
-            logits.flatten(0, 1).float(), ctx.targets.flatten(), ignore_index=IGNORE, reduction="none"
-        )
-    return nll.view(ctx.targets.shape)
+        return token_nll(logits, ctx.targets)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -304,7 +304,10 @@ def _properties(model: RecurrentLM, ids: torch.Tensor, case: str, memory: bool) 
     for execution in ["dense", "sparse"] if model.cache.freezes else ["dense"]:
         with torch.no_grad():
             run = model(ids, attention_mask=attention_mask, execution=execution)
-            alone = [model(ids[b : b + 1, k:], execution=execution) for b, k in enumerate(cuts)]
+            alone = [
+                rows[b] if execution == "dense" and not k else model(ids[b : b + 1, k:], execution=execution)
+                for b, k in enumerate(cuts)
+            ]  # an unpadded row alone in dense execution was run above
         for b, (k, row) in enumerate(zip(cuts, alone)):
             where = f"row {b} after {k} padding token(s) ({execution} execution)"
             same_depth = torch.equal(run.depth[b, k:], row.depth[0])
