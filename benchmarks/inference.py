@@ -11,16 +11,31 @@ machine noise falls on all of them alike), each against its ideal:
 * ``decode``: tokens/s of :meth:`generate` at B in {1, 8} with halting off and at 50%,
   against the ideal from the decode steps' multiply-accumulates.
 * ``generate``: greedy generation with the plain ``pythia-{size}`` against transformers'
-  ``GPTNeoXForCausalLM.generate`` on the same weights.
+  ``GPTNeoXForCausalLM.generate`` on the same weights, with its default dynamic cache or
+  (``--hf-cache static``) its static cache, the fast form its documentation recommends.
 * ``head``: the products with the vocabulary matrices on the few rows of a decode step,
   :class:`zoo.blocks.VocabHead` against ``F.linear`` (what ``nn.Linear`` runs) and
   :func:`zoo.blocks.expected_embedding` against ``probs @ weight``, on the same weight.
 
 Weights are random (the timing does not depend on them; halting is set by the policy).
 
+How transformers is compiled with ``--compile`` (the installed transformers 5.x): with the
+dynamic cache, ``torch.compile`` of its ``forward``, as for zoo. With the static cache,
+``generate`` compiles the forward of its decode steps itself (the prefill stays eager)
+whenever the cache is static and the device is CUDA, under a ``CompileConfig`` whose defaults
+are inductor with ``mode="reduce-overhead"`` (CUDA graphs): the script passes that default
+``CompileConfig`` and leaves ``forward`` alone, so nothing is compiled twice (on the CPU it
+also sets transformers' flag for compiling there, which it reserves for testing). Without
+``--compile``, ``disable_compile=True`` keeps transformers' static-cache decoding eager,
+like zoo's. A static cache is sized to the prompt plus the new tokens, and ``generate``
+reuses it, and its compiled graphs, from call to call at the same batch size; the untimed
+first calls (the token check and the warm-up) compile.
+
     python benchmarks/inference.py                       # everything, CPU, fp32
     python benchmarks/inference.py --only prefill --sizes 70m --batch 8
     python benchmarks/inference.py --device cuda --dtype bfloat16 --compile
+    python benchmarks/inference.py --only generate --sizes 160m --batch 8 --prompt-len 128 \\
+        --new-tokens 256 --device cuda --dtype bfloat16 --compile --hf-cache static
 
 Prints one table per measurement and writes JSON (default
 ``benchmarks/results/inference-<device>.json``).
@@ -59,7 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (default: 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--compile", action="store_true", help="zoo.compile the models (and torch.compile transformers')")
+    p.add_argument("--compile", action="store_true", help="zoo.compile the models, and compile transformers'")
+    p.add_argument(
+        "--hf-cache",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="transformers' KV cache in generate (default: dynamic; static: cache_implementation='static')",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/inference-<device>.json)")
     return p.parse_args(argv)
@@ -68,7 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Timing ---------------------------------------------------------------------------------
 
 
+def require_device(device: str) -> None:
+    """Exits with a message naming the problem when ``device`` is CUDA and torch sees none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = torch.__version__  # "+cpu" at its end: a build without CUDA
+        raise SystemExit(f"--device {device}: CUDA is not available (torch {build}); use --device cpu")
+
+
 def sync(device: str) -> None:
+    """Waits for the queued CUDA kernels, so that a timing covers them."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -209,6 +238,37 @@ def bench_decode(args) -> list[dict]:
     return rows
 
 
+def hf_compile(args) -> str:
+    """How transformers' side of ``generate`` is compiled (see the module docstring)."""
+    if not args.compile:
+        return "none"
+    if args.hf_cache == "dynamic":
+        return "torch.compile(forward)"
+    return "generate, decode steps: CompileConfig() (inductor, mode='reduce-overhead')"
+
+
+def hf_generate_options(args) -> dict:
+    """Keyword arguments of transformers' ``generate``: greedy, exactly ``new_tokens`` tokens."""
+    from transformers import CompileConfig
+
+    options = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    if args.hf_cache == "static":
+        options["cache_implementation"] = "static"
+        if not args.compile:
+            options["disable_compile"] = True  # else generate compiles a static-cache forward on CUDA
+        else:
+            config = CompileConfig()  # transformers' defaults for its own compilation
+            # generate compiles on CUDA (and a few others) only, unless this flag is set
+            config._compile_all_devices = not args.device.startswith("cuda")
+            options["compile_config"] = config
+    return options
+
+
 @torch.no_grad()
 def bench_generate(args) -> list[dict]:
     from transformers import GPTNeoXForCausalLM
@@ -216,27 +276,27 @@ def bench_generate(args) -> list[dict]:
     rows = []
     T, M = args.prompt_len, args.new_tokens
     dtype = getattr(torch, args.dtype)
+    options = hf_generate_options(args)
     for size in args.sizes.split(","):
         torch.manual_seed(0)
         model = zoo.build(f"pythia-{size}").eval()
         with tempfile.TemporaryDirectory() as folder:
             zoo.to_hf(model, folder)
-            hf = GPTNeoXForCausalLM.from_pretrained(folder, torch_dtype=dtype).to(args.device).eval()
+            hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         model = model.to(args.device, dtype)
         if args.compile:
             zoo.compile(model)
-            hf.forward = torch.compile(hf.forward)
+            if args.hf_cache == "dynamic":
+                hf.forward = torch.compile(hf.forward)
         for B in [int(b) for b in args.batch.split(",")]:
             prompt = random_ids(B, T, model.config.vocab_size, args.device)
             ours = model.generate(prompt, M, progress=False).tokens
-            theirs = hf.generate(prompt, max_new_tokens=M, min_new_tokens=M, do_sample=False, pad_token_id=0)
+            theirs = hf.generate(prompt, **options)
             agree = float((ours[:, T:] == theirs[:, T:]).float().mean())
             t = alternate(
                 {
                     "zoo": lambda: model.generate(prompt, M, progress=False),
-                    "transformers": lambda: hf.generate(
-                        prompt, max_new_tokens=M, min_new_tokens=M, do_sample=False, pad_token_id=0
-                    ),
+                    "transformers": lambda: hf.generate(prompt, **options),
                 },
                 args.repeats,
                 args.device,
@@ -251,7 +311,11 @@ def bench_generate(args) -> list[dict]:
                     "same tokens": agree,
                 }
             )
-    print_table(f"Dense greedy generation, prompt {T}, {M} new tokens (zoo / hf > 1: zoo faster)", rows)
+    print_table(
+        f"Dense greedy generation, prompt {T}, {M} new tokens, transformers with the {args.hf_cache} cache, "
+        f"compiled: {hf_compile(args)} (zoo / hf > 1: zoo faster)",
+        rows,
+    )
     return rows
 
 
@@ -296,6 +360,7 @@ def bench_head(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = [p for p in args.only.split(",") if p]
@@ -307,7 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "compile": args.compile,
+        "hf_cache": args.hf_cache,
+        "hf_compile": hf_compile(args),
         "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }

@@ -5,6 +5,8 @@ Times full training steps (forward, backward, AdamW update; dense execution, as
 ``pythia-<size>`` (one pass), ``ponder-pythia-<size>`` (PonderLM, every token 4 passes) and
 ``adaponder-pythia-<size>`` (AdaPonder gates). Training is dense, so the adaptive model pays
 for every pass plus its gates; its savings come at inference (``benchmarks/inference.py``).
+What the gates cost in training is the step-time ratio AdaPonder / PonderLM
+(``adaponder_over_ponder_step``; 1.10: AdaPonder's step takes 10% longer).
 
 Model FLOPs per step are ``3 x`` the forward's matrix-product FLOPs (:func:`zoo.flops.count`,
 dense: forward once, backward twice). Utilisation (MFU) divides the achieved FLOP/s by a
@@ -13,7 +15,10 @@ the same dtype and thread count (on a CPU there is no datasheet number to trust)
 
     python benchmarks/train_throughput.py                          # tiny at width 128, CPU, fp32
     python benchmarks/train_throughput.py --size 160m --device cuda --bf16 --compile \\
-        --batch 16 --seq-len 2048 --peak-tflops 989
+        --batch 8 --seq-len 2048 --peak-tflops 989
+
+On CUDA every timing waits for the queued kernels (``torch.cuda.synchronize``); with
+``--compile`` the warm-up steps compile, untimed.
 
 Prints a table and writes JSON (default ``benchmarks/results/train_throughput.json``).
 """
@@ -67,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights and data seed (default: 0)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     return p.parse_args(argv)
+
+
+def require_device(device: str) -> None:
+    """Exits with a message naming the problem when ``device`` is CUDA and torch sees none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = torch.__version__  # "+cpu" at its end: a build without CUDA
+        raise SystemExit(f"--device {device}: CUDA is not available (torch {build}); use --device cpu")
 
 
 def sync(device: str) -> None:
@@ -131,6 +143,7 @@ def bench_model(name: str, args: argparse.Namespace, overrides: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Benchmarks the three models, prints the table and writes the JSON."""
     args = parse_args(argv)
+    require_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     raw = args.override if args.override is not None else (["dim=128"] if args.size == "tiny" else [])
@@ -140,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [bench_model(f"{family}-{args.size}", args, overrides) for family in FAMILIES]
     for row in rows:
         row["mfu"] = row["tflops"] * 1e12 / peak
+    step = {family: row["step_seconds"] for family, row in zip(FAMILIES, rows)}
+    adaponder_over_ponder = step["adaponder-pythia"] / step["ponder-pythia"]
     print(
         f"training steps of {args.batch} x {args.seq_len} tokens on {args.device} "
         f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}, "
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {r['model']} | {r['passes']} | {r['parameters']:,} | {1000 * r['step_seconds']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {100 * r['mfu']:.1f}% |"
         )
+    print(f"step time AdaPonder / PonderLM: {adaponder_over_ponder:.3f}")
     result = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "overrides": overrides,
@@ -162,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "results": rows,
+        "adaponder_over_ponder_step": adaponder_over_ponder,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

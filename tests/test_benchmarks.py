@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,51 @@ def test_dense_forward_benchmark_runs(tmp_path) -> None:
     )
     assert result["max_abs_logit_diff"] < 1e-4
     assert json.loads(out.read_text())["preset"] == "pythia-tiny"
+
+
+@pytest.mark.slow
+def test_dense_forward_benchmark_runs_in_bfloat16(tmp_path) -> None:
+    out = tmp_path / "dense.json"
+    result = load("dense_forward").main(
+        ["--preset", "pythia-tiny", "--batch", "2", "--seq-len", "32", "--repeats", "2", "--warmup", "1"]
+        + ["--dtype", "bfloat16", "--out", str(out)]
+    )
+    written = json.loads(out.read_text())
+    assert (written["dtype"], written["device"], written["compile"]) == ("bfloat16", "cpu", False)
+    # bf16 keeps 8 bits of mantissa: the two libraries round differently, by a few units of it
+    assert math.isfinite(result["max_abs_logit_diff"])
+    assert result["max_abs_logit_diff"] < 2**-5 * result["max_abs_logit"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_inference_generate_matches_transformers_with_a_static_cache(tmp_path, compile) -> None:
+    out = tmp_path / "inference.json"
+    args = ["--only", "generate", "--sizes", "tiny", "--batch", "2", "--prompt-len", "8", "--new-tokens"]
+    args += ["16", "--hf-cache", "static", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    result = load("inference").main(args + ["--compile"] * compile)
+    assert [row["same tokens"] for row in result["generate"]] == [1.0]
+    written = json.loads(out.read_text())
+    assert (written["hf_cache"], written["compile"]) == ("static", compile)
+    assert ("reduce-overhead" in written["hf_compile"]) == compile
+
+
+@pytest.mark.slow
+def test_train_throughput_reports_the_adaponder_over_ponder_step_ratio(tmp_path, capsys) -> None:
+    out = tmp_path / "train.json"
+    result = load("train_throughput").main(
+        ["--batch", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--threads", "1", "--bf16"]
+        + ["--out", str(out)]
+    )
+    step = {row["model"]: row["step_seconds"] for row in json.loads(out.read_text())["results"]}
+    ratio = step["adaponder-pythia-tiny"] / step["ponder-pythia-tiny"]
+    assert json.loads(out.read_text())["adaponder_over_ponder_step"] == result["adaponder_over_ponder_step"]
+    assert result["adaponder_over_ponder_step"] == pytest.approx(ratio, rel=1e-12)
+    assert f"step time AdaPonder / PonderLM: {ratio:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["dense_forward", "inference", "train_throughput"])
+def test_benchmarks_refuse_cuda_without_cuda(script, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available .* use --device cpu"):
+        load(script).main(["--device", "cuda"])
