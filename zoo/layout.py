@@ -110,13 +110,14 @@ class Selection(Layout):
     """Which tokens of a (B, n) chunk a pass computes, laid out as (B', N).
 
     Attributes:
-        rows: (B',) batch rows holding at least one running token.
+        rows: (B',) batch rows holding at least one running token, in batch order (every
+            row, for the static layout compiled passes use).
         index: (B', N) chunk-local index of each slot, ascending; padding slots point at
             tokens that do not run (so no index repeats within a row).
         valid: (B', N) bool, False for padding slots.
         full: every token of the chunk runs (rows are all rows, index is ``arange(n)``).
-        all_rows: ``rows`` is every batch row (true when ``full``, and always for the static
-            layout compiled passes use).
+        all_rows: ``rows`` is every batch row, in batch order (true when ``full``, for the
+            static layout of compiled passes, and whenever every row runs a token).
         padded: some slots are padding (rows run different numbers of tokens).
         batch: rows B of the chunk.
         start: column of the chunk's first token.
@@ -169,12 +170,20 @@ class Selection(Layout):
         self, delta: Callable[..., Tensor], x: Tensor, h: Tensor, logits: Tensor | None, goes_on: Tensor
     ) -> Tensor:
         # PonderLM's direction is a V x d product per token: computed for the tokens that go
-        # on only (zeros elsewhere, where the update's weight is zero anyway).
-        if logits is None or bool(goes_on.all()):
+        # on only (zeros elsewhere, where the update's weight is zero anyway). One host read,
+        # the count: the tokens' flat indices come from a sort, not a boolean index (which
+        # would read the count again).
+        if logits is None:
+            return delta(x, h, logits)
+        flat = goes_on.reshape(-1)
+        k = int(flat.sum())
+        if k == flat.numel():
             return delta(x, h, logits)
         out = torch.zeros_like(x)
-        if bool(goes_on.any()):
-            out[goes_on] = delta(x[goes_on], h[goes_on], logits[goes_on])
+        if k:
+            which = torch.sort((~flat).to(torch.int8), stable=True).indices[:k]
+            picked = [t.reshape(flat.numel(), *t.shape[goes_on.dim() :])[which] for t in (x, h, logits)]
+            out.view(flat.numel(), *x.shape[goes_on.dim() :])[which] = delta(*picked)
         return out
 
     def write_logits(
@@ -191,7 +200,8 @@ class Selection(Layout):
         Args:
             out: the output so far, or ``None`` before the first write.
             values: (B', N, V) logits, or (B', N, d) hidden states when ``head`` is given:
-                the head then runs for the ``which`` slots alone.
+                the head then runs for the ``which`` slots alone (for every slot of a
+                decode step).
             which: (B', N) slots to write.
             columns: the output's width (``n``, or 1 for the chunk's last token alone).
             first: chunk index of the output's column 0 (``n - 1`` keeps the last token).
@@ -199,12 +209,26 @@ class Selection(Layout):
 
         A whole-chunk pass's logits become the output buffer itself (no copy): the entries
         of tokens that go on are overwritten when they stop, since every token stops once.
+
+        A decode step (one slot per row) writes with a ``where`` over its slots, with no
+        host read, the head running for every slot; longer chunks pick the ``which`` slots
+        out first, so that neither the head nor the copy runs for the others.
         """
+        one_slot = first == 0 and self.index.shape[1] == 1  # a decode step: a where, no host read
         if self.full and first == 0:  # every slot has a column: a whole chunk, or one token
             logits = values if head is None else head(values)
             if out is None:
                 return logits
+            if one_slot:
+                return torch.where(which[..., None], logits, out, out=out)
             picked = logits[which]
+        elif one_slot:
+            logits = values if head is None else head(values)
+            if out is None:
+                out = logits.new_zeros(self.batch, columns, logits.shape[-1])
+            rows, slots = self.slot_rows(), self.index
+            out[rows, slots] = torch.where(which[..., None], logits, out[rows, slots])
+            return out
         else:
             picked = values[which] if head is None else head(values[which])  # (k, V)
             if out is None:
@@ -228,15 +252,22 @@ def select(runs: Tensor, start: int = 0, bucket: int | None = None) -> Selection
     """
     B, n = runs.shape
     counts = runs.sum(1)  # (B,)
-    most = int(counts.max())
+    # The one host read of the selection: the most and fewest tokens a row runs, the fewest
+    # of the rows that run any, and how many rows run any.
+    stats = torch.stack([counts.max(), counts.min(), counts.masked_fill(counts == 0, n).min(), (counts > 0).sum()])
+    most, least, least_running, running_rows = stats.tolist()
     if most == 0:
         return None
     all_rows = torch.arange(B, device=runs.device)
     end = start + n
-    if most == n and bool((counts == n).all()):
+    if least == n:
         index = torch.arange(n, device=runs.device).repeat(B, 1)  # contiguous: compiled guards see strides
         return Selection(all_rows, index, runs, True, True, bool(bucket), B, start, end, bucket)
-    rows = all_rows if bucket else counts.nonzero().squeeze(1)  # (B',)
+    kept = B if bucket else running_rows
+    if kept == B:
+        rows = all_rows
+    else:  # the rows that run a token, in batch order (a stable sort on "runs none")
+        rows = torch.sort((counts == 0).to(torch.int8), stable=True).indices[:kept]  # (B',)
     slots = most
     if bucket:
         slots = min(n, math.ceil(slots / bucket) * bucket)
@@ -245,8 +276,8 @@ def select(runs: Tensor, start: int = 0, bucket: int | None = None) -> Selection
     index = order[:, :slots]
     valid = torch.arange(slots, device=runs.device) < counts[rows, None]
     # Compiled passes always take the padded path: one graph whatever the row counts.
-    padded = bool(bucket) or not bool(valid.all())
-    return Selection(rows, index, valid, False, bool(bucket), padded, B, start, end, bucket)
+    padded = bool(bucket) or least_running < most
+    return Selection(rows, index, valid, False, kept == B, padded, B, start, end, bucket)
 
 
 def _trailing(which: Tensor, values: Tensor) -> Tensor:
