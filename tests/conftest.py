@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny zoo models, settings under which policies halt, and small
-random reference models written to disk.
+"""Shared test helpers: tiny zoo models, settings under which policies halt, small
+random reference models written to disk, and the devices a test runs on.
 
 transformers is imported inside the fixtures, so test files that do not use them do not
 pay for the import.
@@ -7,6 +7,7 @@ pay for the import.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,34 @@ import torch
 # Tests run tiny models, for which one intra-op thread is fastest; `make test` runs two
 # pytest workers side by side instead. Set at import so module-scoped fixtures get it too.
 torch.set_num_threads(1)
+
+
+def _devices() -> list[str]:
+    """The devices of the ``device`` fixture: the CPU, and CUDA where a GPU is visible.
+
+    ``ZOO_TEST_DEVICES=cuda`` (a comma-separated list) runs the device tests there alone.
+    """
+    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    chosen = os.environ.get("ZOO_TEST_DEVICES")
+    if not chosen:
+        return available
+    devices = [d.strip() for d in chosen.split(",") if d.strip()]
+    unknown = [d for d in devices if d not in available]
+    if unknown:
+        raise pytest.UsageError(
+            f"ZOO_TEST_DEVICES names {', '.join(unknown)}, not available here (available: "
+            f"{', '.join(available)}); unset it or name available devices"
+        )
+    return devices
+
+
+DEVICES = _devices()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes ``device`` runs once per device in :data:`DEVICES`."""
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
 
 
 @pytest.fixture(autouse=True)

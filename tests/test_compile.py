@@ -35,10 +35,10 @@ def make(tiny_model, plain_halting_settings):
     [(policy, "kv_reuse") for policy in ("act", "early_exit", "fixed_prune", "mlp_gate", "none")]
     + [("mlp_gate", cache) for cache in ("kv_share", "recompute", "recursion_wise")],
 )
-def test_dense_forward_has_no_graph_breaks(policy, cache, make):
-    model = make(policy, cache)
-    ids = torch.randint(0, 512, (2, 24))
-    explanation = torch._dynamo.explain(run_dense)(model, ids, torch.tensor(5))
+def test_dense_forward_has_no_graph_breaks(policy, cache, make, device):
+    model = make(policy, cache).to(device)
+    ids = torch.randint(0, 512, (2, 24), device=device)
+    explanation = torch._dynamo.explain(run_dense)(model, ids, torch.tensor(5, device=device))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -88,13 +88,13 @@ def test_compile_swaps_the_models_functions_and_uncompile_swaps_them_back(make):
     assert (model.dense_fn, model.pass_fn, model.slot_bucket) == (run_dense, stack_pass, None)
 
 
-def test_compiled_equals_eager_forward_and_backward(make):
-    eager = make("mlp_gate")
-    compiled = zoo.compile(make("mlp_gate"))
-    ids = torch.randint(0, 512, (2, 32))
+def test_compiled_equals_eager_forward_and_backward(make, device):
+    eager = make("mlp_gate").to(device)
+    compiled = zoo.compile(make("mlp_gate").to(device))
+    ids = torch.randint(0, 512, (2, 32), device=device)
     losses = []
     for model in (eager, compiled):
-        out = model(ids, execution="dense", step=3)
+        out = model(ids, execution="dense", step=torch.tensor(3, device=device))
         loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
         loss.backward()
         losses.append((out, loss))
@@ -106,10 +106,10 @@ def test_compiled_equals_eager_forward_and_backward(make):
 
 
 @pytest.mark.parametrize("cache", ["kv_reuse", "kv_share", "recursion_wise"])
-def test_compiled_decoding_equals_eager(cache, make):
-    eager = make("mlp_gate", cache).eval()
-    compiled = zoo.compile(make("mlp_gate", cache)).eval()
-    prompt = torch.randint(0, 512, (3, 10))
+def test_compiled_decoding_equals_eager(cache, make, device):
+    eager = make("mlp_gate", cache).to(device).eval()
+    compiled = zoo.compile(make("mlp_gate", cache).to(device)).eval()
+    prompt = torch.randint(0, 512, (3, 10), device=device)
     a = eager.generate(prompt, 12)
     b = compiled.generate(prompt, 12)
     assert torch.equal(a.tokens, b.tokens)
@@ -121,17 +121,21 @@ def test_compiled_decoding_equals_eager(cache, make):
         )
 
 
-def test_decode_step_compiles_once(make):
-    """Prefill compiles two frames (the fresh first pass, later passes); all decode steps share one."""
-    counts = {}
-    for steps in (2, 21):
+def test_decode_step_compiles_once(make, randomize, device):
+    """Prefill compiles two frames (the fresh first pass, later passes); every decode step
+    shares one, over 200 steps whose halting differs from step to step."""
+    counts, depths = {}, None
+    for steps in (2, 200):
         torch._dynamo.reset()
         counter = CompileCounter()
-        model = zoo.compile(make("mlp_gate"), backend=counter).eval()
-        prompt = torch.randint(0, 512, (3, 10))
-        model.generate(prompt, steps)
+        model = randomize(make("mlp_gate"), seed=3).to(device)  # random gates: about half the tokens halt
+        model = zoo.compile(model, backend=counter).eval()
+        prompt = torch.randint(0, 512, (3, 10), generator=torch.Generator().manual_seed(0)).to(device)
+        depths = model.generate(prompt, steps, output_logits=False).depth
         counts[steps] = counter.frame_count
-    assert counts[2] == counts[21] == 3, counts
+    assert counts[2] == counts[200] == 3, counts
+    per_step = [tuple(row) for row in depths.T.tolist()]
+    assert len(set(per_step)) > 10, "the decode steps halt alike: the test would say little"
 
 
 def test_sparse_prefill_recompiles_bounded_by_buckets(make):

@@ -28,10 +28,11 @@ def ragged(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     ],
 )
 def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone(
-    cache, halting, block, plain_halting_settings
+    cache, halting, block, plain_halting_settings, device
 ):
-    model = tiny_model(halting, plain_halting_settings[halting], cache=cache, block=block, sharpen=1.0).eval()
-    ids, mask = ragged(model.config.vocab_size)
+    model = tiny_model(halting, plain_halting_settings[halting], cache=cache, block=block, sharpen=1.0)
+    model = model.to(device).eval()
+    ids, mask = (t.to(device) for t in ragged(model.config.vocab_size))
     T = ids.shape[1]
     gen = model.generate(ids, NEW, attention_mask=mask)
     for b, n in enumerate(LENGTHS):
@@ -41,7 +42,7 @@ def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone(
         assert torch.equal(gen.depth[b], alone.depth[0])
     assert bool((gen.depth < model.config.passes).any()), "no token halted"
     # Decoding reproduces the padded full forward.
-    whole = torch.cat([mask, torch.ones(len(LENGTHS), NEW, dtype=torch.long)], 1)
+    whole = torch.cat([mask, torch.ones(len(LENGTHS), NEW, dtype=torch.long, device=device)], 1)
     full = model(gen.tokens, attention_mask=whole)
     torch.testing.assert_close(gen.logits, full.logits[:, T - 1 : -1], rtol=0, atol=1e-5)
     assert torch.equal(gen.depth, full.depth[:, T - 1 : -1])

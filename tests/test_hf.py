@@ -34,13 +34,13 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_from_hf_matches_transformers(hf_neox_folder, config):
+def test_from_hf_matches_transformers(hf_neox_folder, config, device):
     hf, folder = hf_neox_folder(**config)
-    model = zoo.from_hf(folder)
+    hf, model = hf.to(device), zoo.from_hf(folder).to(device)
     assert model.config.recurrence == "none" and model.config.passes == 1 and model.config.embed_scale == 1.0
     assert model.config.tied_embeddings == hf.config.tie_word_embeddings
     assert (model.head.weight is model.embed.weight) == model.config.tied_embeddings
-    ids = ids_for(hf.config.vocab_size)
+    ids = ids_for(hf.config.vocab_size).to(device)
     reference = hf_logits(hf, ids)
     assert reference.abs().max() > 1.0  # a non-trivial model, so the comparison can fail
     assert max_diff(zoo_logits(model, ids), reference) <= TOL

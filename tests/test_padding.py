@@ -121,12 +121,13 @@ def test_an_all_ones_mask_is_the_unpadded_call():
         assert torch.equal(a.logits, b.logits) and torch.equal(a.depth, b.depth)
 
 
-def test_transformers_gpt_neox_with_the_same_mask_is_the_reference(tmp_path, randomize):
+def test_transformers_gpt_neox_with_the_same_mask_is_the_reference(tmp_path, randomize, device):
     from transformers import GPTNeoXForCausalLM
 
     model = randomize(zoo.build("pythia-tiny"), seed=4).eval()
-    hf = GPTNeoXForCausalLM.from_pretrained(zoo.to_hf(model, tmp_path / "hf")).eval()
-    ids, mask = left_padded(model.config.vocab_size, seed=5)
+    hf = GPTNeoXForCausalLM.from_pretrained(zoo.to_hf(model, tmp_path / "hf")).to(device).eval()
+    model = model.to(device)
+    ids, mask = (t.to(device) for t in left_padded(model.config.vocab_size, seed=5))
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # transformers' generate does this
     with torch.no_grad():
         reference = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits

@@ -76,16 +76,16 @@ def test_settings_halt_some_tokens(halting, tiny_model, halting_settings):
 
 
 @pytest.mark.parametrize("halting", BUILT_IN_POLICIES)
-def test_every_policy_passes_the_kit(halting):
-    report = check_policy(halting, examples=12)
+def test_every_policy_passes_the_kit(halting, device):
+    report = check_policy(halting, examples=12, device=device)
     assert report.cases == 12
     if halting != "none":  # the drawn settings halt tokens: the properties are not vacuous
         assert report.halted_share > 0.05, report
 
 
 @pytest.mark.parametrize("cache", BUILT_IN_CACHES)
-def test_every_cache_passes_the_kit(cache):
-    report = check_cache(cache, examples=12)
+def test_every_cache_passes_the_kit(cache, device):
+    report = check_cache(cache, examples=12, device=device)
     assert report.cases == 12 and report.halted_share > 0.05, report
 
 

@@ -47,9 +47,9 @@ def assert_partial(depth: torch.Tensor, passes: int = 4) -> None:
 @pytest.mark.parametrize("block", ["neox", "llama"])
 @pytest.mark.parametrize("recurrence", ["ponder", "loop"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_sparse_equals_dense(policy, recurrence, block, cache, make):
-    model = make(policy, recurrence, cache, block=block)
-    x = ids()
+def test_sparse_equals_dense(policy, recurrence, block, cache, make, device):
+    model = make(policy, recurrence, cache, block=block).to(device)
+    x = ids().to(device)
     with torch.no_grad():
         dense = model(x, execution="dense")
         sparse = model(x, execution="sparse")
@@ -96,9 +96,9 @@ def test_default_execution_and_recompute_refusal(make):
 
 @pytest.mark.parametrize("cache", [*FREEZING, "recompute"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_decoding_reproduces_full_forward(policy, cache, make):
-    model = make(policy, cache=cache)
-    prompt = ids(B=3, T=12)
+def test_decoding_reproduces_full_forward(policy, cache, make, device):
+    model = make(policy, cache=cache).to(device)
+    prompt = ids(B=3, T=12).to(device)
     gen = model.generate(prompt, 16)
     assert gen.tokens.shape == (3, 28)
     assert torch.equal(gen.tokens[:, :12], prompt)

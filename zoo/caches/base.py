@@ -247,7 +247,7 @@ def padding_columns(padding: Tensor, start: int, end: int) -> Tensor:
 
 def causal_positions(depth: Tensor) -> Tensor:
     """(T,) int64 ``t + 1``: the keys a query at position ``t`` sees under causal masking."""
-    return torch.arange(1, depth.shape[-1] + 1, dtype=torch.int64)
+    return torch.arange(1, depth.shape[-1] + 1, dtype=torch.int64, device=depth.device)
 
 
 def kv_bytes(config: ModelConfig, batch: int, length: int, dtype: torch.dtype) -> int:

@@ -8,7 +8,9 @@
 
 Plus hypothesis strategies (tiny configs, token batches, monotone masks, settings under
 which the built-in policies halt), a tiny-model factory and :func:`run_policy` (a policy's
-decisions on hand-made tensors, with the driver's bookkeeping) for tests of your own. It needs
+decisions on hand-made tensors, with the driver's bookkeeping) for tests of your own, and
+:func:`compare_executions` (how closely sparse execution and decoding follow the dense
+forward, in any dtype and on any device, against :data:`TOLERANCES`). It needs
 hypothesis, which the ``testing`` extra installs: ``pip install "ponder-zoo[testing]"``.
 """
 
@@ -21,6 +23,7 @@ except ImportError as err:  # pragma: no cover - the extra is installed wherever
 
 from zoo.testing.checks import PROPERTIES, CheckReport, check_cache, check_model, check_policy
 from zoo.testing.drive import PolicyRun, run_policy
+from zoo.testing.precision import TOLERANCES, Agreement, Tolerance, agreement, compare_executions
 from zoo.testing.strategies import (
     BLOCK_OVERRIDES,
     HALTING_EXAMPLES,
@@ -40,6 +43,11 @@ __all__ = [
     "PROPERTIES",
     "run_policy",
     "PolicyRun",
+    "compare_executions",
+    "agreement",
+    "Agreement",
+    "Tolerance",
+    "TOLERANCES",
     "tiny_model",
     "halting_kwargs",
     "configs",

@@ -66,6 +66,7 @@ def check_policy(
     caches: Iterable[str] = ("kv_reuse", "recompute"),
     recurrences: Iterable[str] = ("ponder", "loop"),
     examples: int = 6,
+    device: str | torch.device = "cpu",
 ) -> CheckReport:
     """Holds the registered halting policy ``name`` to the library's properties.
 
@@ -89,6 +90,8 @@ def check_policy(
         caches: cache strategies to draw from.
         recurrences: recurrences to draw from (``"ponder"``, ``"loop"``).
         examples: cases to run.
+        device: where the cases run (``"cuda"`` holds the policy to the same properties on
+            a GPU, to the same tolerance).
 
     Returns:
         a :class:`CheckReport`.
@@ -112,7 +115,7 @@ def check_policy(
     else:
         kwargs = halting_kwargs
     cases = _cases(st.just(name), kwargs, st.sampled_from(caches), recurrences)
-    return _run(f"halting {name!r}", cases, examples)
+    return _run(f"halting {name!r}", cases, examples, device=device)
 
 
 def check_cache(
@@ -121,6 +124,7 @@ def check_cache(
     policies: dict[str, dict[str, Any]] | None = None,
     recurrences: Iterable[str] = ("ponder", "loop"),
     examples: int = 6,
+    device: str | torch.device = "cpu",
 ) -> CheckReport:
     """Holds the registered cache strategy ``name`` to the library's properties.
 
@@ -136,6 +140,7 @@ def check_cache(
             (:data:`~zoo.testing.strategies.HALTING_EXAMPLES`).
         recurrences: recurrences to draw from.
         examples: cases to run.
+        device: where the cases run.
 
     Returns:
         a :class:`CheckReport`.
@@ -155,7 +160,7 @@ def check_cache(
     cases = st.sampled_from(sorted(policies)).flatmap(
         lambda halting: _cases(st.just(halting), st.just(dict(policies[halting])), st.just(name), recurrences)
     )
-    return _run(f"cache {name!r}", cases, examples, memory=True)
+    return _run(f"cache {name!r}", cases, examples, memory=True, device=device)
 
 
 def check_model(model: RecurrentLM, input_ids: torch.Tensor, case: str = "", memory: bool = False) -> torch.Tensor:
@@ -202,7 +207,9 @@ def _cases(
     )
 
 
-def _run(subject: str, cases: st.SearchStrategy, examples: int, memory: bool = False) -> CheckReport:
+def _run(
+    subject: str, cases: st.SearchStrategy, examples: int, memory: bool = False, device: str | torch.device = "cpu"
+) -> CheckReport:
     seen: list[tuple[torch.Tensor, int]] = []
     ids_strategy = st.tuples(st.integers(1, 3), st.integers(2, 16), st.integers(0, 2**32 - 1))
 
@@ -218,10 +225,10 @@ def _run(subject: str, cases: st.SearchStrategy, examples: int, memory: bool = F
     @given(case=cases, shape=ids_strategy)
     def run(case: dict[str, Any], shape: tuple[int, int, int]) -> None:
         B, T, seed = shape
-        ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-        described = f"{subject}, case {_describe(case)}, ids of shape {(B, T)} (seed {seed})"
+        ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
+        described = f"{subject}, case {_describe(case)}, ids of shape {(B, T)} (seed {seed}) on {device}"
         try:
-            model = tiny_model(**case)
+            model = tiny_model(**case).to(device)
         except ValueError as err:
             raise ValueError(f"{described}: the model does not build: {err}") from None
         seen.append((check_model(model, ids, described, memory), model.config.passes))
@@ -267,7 +274,7 @@ def _properties(model: RecurrentLM, ids: torch.Tensor, case: str, memory: bool) 
 
     cut = T // 2  # tokens from here on change; nothing before may
     changed = ids.clone()
-    changed[:, cut:] = (ids[:, cut:] + 1 + torch.arange(T - cut)) % model.config.vocab_size
+    changed[:, cut:] = (ids[:, cut:] + 1 + torch.arange(T - cut, device=ids.device)) % model.config.vocab_size
     with torch.no_grad():
         other = model(changed, execution="dense")
     require(
@@ -333,7 +340,7 @@ def _properties(model: RecurrentLM, ids: torch.Tensor, case: str, memory: bool) 
 
     model.train()
     model.zero_grad(set_to_none=True)
-    trained = model(ids, execution="dense", step=torch.tensor(10**6))
+    trained = model(ids, execution="dense", step=torch.tensor(10**6, device=ids.device))
     require(bool(torch.isfinite(trained.logits).all()), "gradients finite", "the training forward's logits")
     require(bool(torch.isfinite(trained.aux_loss).all()), "gradients finite", "the auxiliary loss")
     loss = F.cross_entropy(trained.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()) + trained.aux_loss
