@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="zoo.compile the models, and compile transformers'")
     p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode of zoo's models with --compile (reduce-overhead: CUDA graphs; default: default)",
+    )
+    p.add_argument(
         "--hf-cache",
         default="dynamic",
         choices=["dynamic", "static"],
@@ -147,7 +153,14 @@ def prune_model(size: str, share: float, args, state=None):
     if state is not None:
         model.load_state_dict(state)
     model = model.to(args.device, getattr(torch, args.dtype)).eval()
-    return zoo.compile(model) if args.compile else model
+    return compiled(model, args)
+
+
+def compiled(model, args):
+    """``model`` through :func:`zoo.compile` in ``--compile-mode`` when ``--compile`` is given."""
+    if not args.compile:
+        return model
+    return zoo.compile(model) if args.compile_mode == "default" else zoo.compile(model, mode=args.compile_mode)
 
 
 def random_ids(B: int, T: int, vocab: int, device: str) -> torch.Tensor:
@@ -284,10 +297,9 @@ def bench_generate(args) -> list[dict]:
             zoo.to_hf(model, folder)
             hf = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         model = model.to(args.device, dtype)
-        if args.compile:
-            zoo.compile(model)
-            if args.hf_cache == "dynamic":
-                hf.forward = torch.compile(hf.forward)
+        compiled(model, args)
+        if args.compile and args.hf_cache == "dynamic":
+            hf.forward = torch.compile(hf.forward)
         for B in [int(b) for b in args.batch.split(",")]:
             prompt = random_ids(B, T, model.config.vocab_size, args.device)
             ours = model.generate(prompt, M, progress=False).tokens
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "hf_cache": args.hf_cache,
         "hf_compile": hf_compile(args),
         "torch": torch.__version__,

@@ -104,3 +104,16 @@ def test_benchmarks_refuse_cuda_without_cuda(script, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: CUDA is not available .* use --device cpu"):
         load(script).main(["--device", "cuda"])
+
+
+def test_inference_compile_mode_reaches_zoo_compile(monkeypatch) -> None:
+    import argparse
+
+    bench = load("inference")
+    seen = []
+    monkeypatch.setattr(bench.zoo, "compile", lambda model, **options: seen.append(options) or model)
+    for mode in ("default", "reduce-overhead"):
+        bench.compiled(object(), argparse.Namespace(compile=True, compile_mode=mode))
+    bench.compiled(object(), argparse.Namespace(compile=False, compile_mode="max-autotune"))
+    assert seen == [{}, {"mode": "reduce-overhead"}]
+    assert bench.parse_args(["--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
