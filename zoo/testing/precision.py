@@ -46,6 +46,7 @@ class Agreement:
         return self.same_depth >= tolerance.same_depth and self.max_diff <= tolerance.max_diff
 
     def as_dict(self) -> dict[str, float]:
+        """``{"same_depth": ..., "max_diff": ...}``, for JSON."""
         return asdict(self)
 
 
