@@ -6,7 +6,8 @@
 #
 # STEPs (default: all, in this order): env tests checks dense prefill decode generate train.
 # Each step writes its JSON into a work folder ($ZOO_GPU_WORK, default /tmp/zoo-gpu), which
-# outlives the run, so that the steps may be split over several runs on the same machine.
+# outlives the run, so that the steps may be split over several runs on the same machine
+# (delete it to start afresh).
 # After the steps, OUT receives three files: gpu.json (every result found in the work folder
 # and the targets, each marked as holding or not: benchmarks/gpu_summary.py), log.txt (the
 # whole output) and tests.xml (the device tests' JUnit report, when that step ran).
@@ -45,6 +46,9 @@ LOG="$OUT/log.txt"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 say() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+earlier=$(cd "$WORK" && ls -- *.json 2>/dev/null | tr '\n' ' ')
+[ -n "$earlier" ] && say "the work folder $WORK holds results of earlier runs, which the summary keeps unless a step here redoes them (delete the folder to start afresh): $earlier"
 
 # What the library and its tests import; whatever is missing is installed (from wheels in
 # .whl/ when the machine has no index to reach), and the run stops if that fails.
