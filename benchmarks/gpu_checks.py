@@ -207,10 +207,11 @@ class HostReads(TorchDispatchMode):
 
     def record(self) -> None:
         self.count += 1
-        ours = [f for f in traceback.extract_stack() if "/zoo/" in f.filename.replace("\\", "/")]
+        paths = [(f.filename.replace("\\", "/"), f.lineno) for f in traceback.extract_stack()]
+        ours = [(path, line) for path, line in paths if "/zoo/" in path]
         if ours:
-            frame = ours[-1]
-            self.sites[f"zoo/{frame.filename.replace(chr(92), '/').split('/zoo/')[-1]}:{frame.lineno}"] += 1
+            path, line = ours[-1]
+            self.sites[f"zoo/{path.split('/zoo/')[-1]}:{line}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

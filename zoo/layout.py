@@ -179,11 +179,10 @@ class Selection(Layout):
         k = int(flat.sum())
         if k == flat.numel():
             return delta(x, h, logits)
-        out = torch.zeros_like(x)
+        out = torch.zeros_like(x, memory_format=torch.contiguous_format)  # (B', N, d)
         if k:
             which = torch.sort((~flat).to(torch.int8), stable=True).indices[:k]
-            picked = [t.reshape(flat.numel(), *t.shape[goes_on.dim() :])[which] for t in (x, h, logits)]
-            out.view(flat.numel(), *x.shape[goes_on.dim() :])[which] = delta(*picked)
+            out.view(-1, x.shape[-1])[which] = delta(*(t.flatten(0, 1)[which] for t in (x, h, logits)))
         return out
 
     def write_logits(
@@ -214,21 +213,20 @@ class Selection(Layout):
         host read, the head running for every slot; longer chunks pick the ``which`` slots
         out first, so that neither the head nor the copy runs for the others.
         """
-        one_slot = first == 0 and self.index.shape[1] == 1  # a decode step: a where, no host read
-        if self.full and first == 0:  # every slot has a column: a whole chunk, or one token
+        if first == 0 and self.index.shape[1] == 1:  # a decode step: a where, no host read
             logits = values if head is None else head(values)
-            if out is None:
-                return logits
-            if one_slot:
-                return torch.where(which[..., None], logits, out, out=out)
-            picked = logits[which]
-        elif one_slot:
-            logits = values if head is None else head(values)
+            if self.full:  # the slots are the chunk's tokens
+                return logits if out is None else torch.where(which[..., None], logits, out, out=out)
             if out is None:
                 out = logits.new_zeros(self.batch, columns, logits.shape[-1])
             rows, slots = self.slot_rows(), self.index
             out[rows, slots] = torch.where(which[..., None], logits, out[rows, slots])
             return out
+        if self.full and first == 0:  # every slot has a column: a whole chunk, or one token
+            logits = values if head is None else head(values)
+            if out is None:
+                return logits
+            picked = logits[which]
         else:
             picked = values[which] if head is None else head(values[which])  # (k, V)
             if out is None:

@@ -98,7 +98,7 @@ def compare_executions(model: RecurrentLM, input_ids: torch.Tensor, prompt: int 
         ``{"sparse": ..., "decode": ...}``, each an :class:`Agreement` with the dense forward.
     """
     model.eval()
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     prompt = T // 2 if prompt is None else prompt
     if not 1 <= prompt < T:
         raise ValueError(f"prompt must lie in 1..{T - 1} for {T} tokens, got {prompt}")
